@@ -83,30 +83,9 @@ def _simplex_check(mesh: dolfinx.mesh.Mesh) -> None:
 def check_mesh(problem: MultiscaleProblem, mesh: dolfinx.mesh.Mesh) -> None:
     """Raise a ValueError if ``mesh`` does not match the problem's dimension or domain.
 
-    Collective on ``mesh.comm``. (A buffer-based version of ``MultiscaleProblem.check_mesh``,
-    whose object ``allreduce`` of numpy arrays fails on more than one rank.)
+    Collective on ``mesh.comm``; see ``MultiscaleProblem.check_mesh``.
     """
-    tdim = mesh.topology.dim
-    if tdim != problem.dim:
-        raise ValueError(
-            f"mesh: topological dimension {tdim} does not match the problem's dimension "
-            f"{problem.dim}"
-        )
-    coords = mesh.geometry.x[:, : problem.dim]
-    local_lo = coords.min(axis=0) if coords.size else np.full(problem.dim, np.inf)
-    local_hi = coords.max(axis=0) if coords.size else np.full(problem.dim, -np.inf)
-    lo, hi = np.empty(problem.dim), np.empty(problem.dim)
-    mesh.comm.Allreduce(np.ascontiguousarray(local_lo, dtype=np.float64), lo, op=MPI.MIN)
-    mesh.comm.Allreduce(np.ascontiguousarray(local_hi, dtype=np.float64), hi, op=MPI.MAX)
-    scale = float(np.max(problem.domain.lengths))
-    if not (
-        np.allclose(lo, problem.domain.lower, atol=1e-10 * scale)
-        and np.allclose(hi, problem.domain.upper, atol=1e-10 * scale)
-    ):
-        raise ValueError(
-            f"mesh: its bounding box {lo.tolist()}-{hi.tolist()} does not match the problem's "
-            f"domain {list(problem.domain.lower)}-{list(problem.domain.upper)}"
-        )
+    problem.check_mesh(mesh)
 
 
 class CoarseProblem:

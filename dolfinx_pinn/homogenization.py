@@ -750,31 +750,6 @@ def _box_counts(problem: MultiscaleProblem, n: int | Sequence[int]) -> np.ndarra
     return counts
 
 
-def _check_mesh(problem: MultiscaleProblem, mesh: Any) -> None:
-    """Raise ValueError unless the mesh covers the problem's domain (collective).
-
-    (``MultiscaleProblem.check_mesh`` reduces numpy arrays with the pickle-based lowercase
-    ``allreduce(op=MPI.MIN)``, which fails on more than one rank; the buffer version is used.)
-    """
-    if mesh.topology.dim != problem.dim:
-        raise ValueError(f"mesh: dimension {mesh.topology.dim} != problem dimension {problem.dim}")
-    coordinates = mesh.geometry.x[:, : problem.dim]
-    local_lower = coordinates.min(axis=0) if len(coordinates) else np.full(problem.dim, np.inf)
-    local_upper = coordinates.max(axis=0) if len(coordinates) else np.full(problem.dim, -np.inf)
-    lower, upper = np.empty(problem.dim), np.empty(problem.dim)
-    mesh.comm.Allreduce(np.ascontiguousarray(local_lower), lower, op=MPI.MIN)
-    mesh.comm.Allreduce(np.ascontiguousarray(local_upper), upper, op=MPI.MAX)
-    scale = float(problem.domain.lengths.max())
-    if not (
-        np.allclose(lower, problem.domain.lower, atol=1e-10 * scale)
-        and np.allclose(upper, problem.domain.upper, atol=1e-10 * scale)
-    ):
-        raise ValueError(
-            f"mesh: its bounding box {lower.tolist()}-{upper.tolist()} does not match the "
-            f"problem's domain {list(problem.domain.lower)}-{list(problem.domain.upper)}"
-        )
-
-
 def solve_homogenized(
     problem: MultiscaleProblem,
     tensor: npt.ArrayLike,
@@ -882,7 +857,7 @@ class TwoScaleApproximation:
             raise ValueError(
                 "cell: the reconstruction needs a periodic (not locally periodic) cell solution"
             )
-        _check_mesh(problem, homogenized.function_space.mesh)
+        problem.check_mesh(homogenized.function_space.mesh)
         self.problem = problem
         self.cell = cell
         self.eps = problem.eps
@@ -975,7 +950,7 @@ def two_scale_error(
     (collective on its communicator).
     """
     mesh = fine.function_space.mesh
-    _check_mesh(approximation.problem, mesh)
+    approximation.problem.check_mesh(mesh)
     tdim = mesh.topology.dim
     cell_type = mesh.topology.cell_type
     points, weights = basix.make_quadrature(basix.CellType[cell_type.name], quadrature_degree)

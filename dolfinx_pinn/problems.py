@@ -459,15 +459,17 @@ class MultiscaleProblem:
         """
         as_numpy = isinstance(x, np.ndarray)
         points = torch.as_tensor(x, dtype=torch.float64) if as_numpy else x
-        points = points.detach().requires_grad_(True)
-        value = self.K(points)
-        flat = value.reshape(value.shape[0], -1)
-        columns = [
-            torch.autograd.grad(
-                flat[:, k].sum(), points, create_graph=create_graph, retain_graph=True
-            )[0]
-            for k in range(flat.shape[1])
-        ]
+        # enable_grad: the derivative is part of the definition, also inside a caller's no_grad.
+        with torch.enable_grad():
+            points = points.detach().requires_grad_(True)
+            value = self.K(points)
+            flat = value.reshape(value.shape[0], -1)
+            columns = [
+                torch.autograd.grad(
+                    flat[:, k].sum(), points, create_graph=create_graph, retain_graph=True
+                )[0]
+                for k in range(flat.shape[1])
+            ]
         gradient = torch.stack(columns, dim=1).reshape(*value.shape, self.dim)
         if not self.is_tensor:
             gradient = gradient.reshape(value.shape[0], self.dim)
@@ -568,8 +570,11 @@ class MultiscaleProblem:
         coords = mesh.geometry.x[:, : self.dim]
         local_lo = coords.min(axis=0) if coords.size else np.full(self.dim, np.inf)
         local_hi = coords.max(axis=0) if coords.size else np.full(self.dim, -np.inf)
-        lo = mesh.comm.allreduce(local_lo, op=MPI.MIN)
-        hi = mesh.comm.allreduce(local_hi, op=MPI.MAX)
+        lo = np.empty(self.dim)
+        hi = np.empty(self.dim)
+        # Buffer reductions: the pickle-based lowercase allreduce cannot take MPI.MIN on arrays.
+        mesh.comm.Allreduce(np.ascontiguousarray(local_lo, dtype=np.float64), lo, op=MPI.MIN)
+        mesh.comm.Allreduce(np.ascontiguousarray(local_hi, dtype=np.float64), hi, op=MPI.MAX)
         scale = float(np.max(self.domain.lengths))
         if not (
             np.allclose(lo, self.domain.lower, atol=1e-10 * scale)

@@ -1,14 +1,15 @@
 """One definition per problem: numpy, torch and UFL agree; f is derived; bad input is named."""
 
-from mpi4py import MPI
-
 import math
+
+from mpi4py import MPI
 
 import numpy as np
 import pytest
 import torch
 import ufl
-from dolfinx import fem, mesh as dmesh
+from dolfinx import fem
+from dolfinx import mesh as dmesh
 
 from dolfinx_pinn.problems import (
     Box,
@@ -54,7 +55,7 @@ def _ufl_at_points(problem: MultiscaleProblem, which: str):
     # A constant definition (the laminate's q = 0) carries no mesh: attach it by a zero Constant.
     expression = getattr(problem, which)(x)
     zero = fem.Constant(mesh, np.zeros(expression.ufl_shape))
-    expression = expression + (zero if expression.ufl_shape else zero)
+    expression = expression + zero
     num_cells = mesh.topology.index_map(tdim).size_local
     cells = np.arange(num_cells, dtype=np.int32)
     values = fem.Expression(expression, reference_points, comm=mesh.comm).eval(mesh, cells)

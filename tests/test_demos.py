@@ -1,0 +1,60 @@
+"""The demos run (quick mode) and write what their narrative promises."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mpi4py import MPI
+
+import pytest
+
+DEMOS = Path(__file__).resolve().parents[1] / "demos"
+
+
+def _run_demo(name: str, out: Path, *extra: str) -> dict:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "DOLFINX_PINN_DEMO_QUICK": "1"}
+    # A demo started from a test is its own serial MPI job, so mpirun's environment must go.
+    for key in list(environment):
+        if key.startswith(("PMI_", "OMPI_", "MPI_LOCALNRANKS", "HYDRA_")):
+            environment.pop(key)
+    completed = subprocess.run(
+        [sys.executable, str(DEMOS / name), "--quick", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.skip_in_parallel
+def test_demo_reference(tmp_path):
+    metrics = _run_demo("demo_reference.py", tmp_path / "out_reference")
+    for key in ("K_tilde_1d_eps_1_15", "K_tilde_1d_eps_0_01", "K_tilde_2d_eps_0_1"):
+        assert key in metrics
+    assert abs(metrics["K_tilde_1d_eps_1_15"] - 1.732) < 2e-3
+    assert abs(metrics["K_tilde_1d_eps_0_01"] - 1.732) < 2e-3
+    assert 2.8 < metrics["K_tilde_2d_eps_0_1"] < 2.9
+    out = tmp_path / "out_reference"
+    for figure in ("solution_1d.png", "convergence_1d.png", "solution_2d.png"):
+        assert (out / figure).stat().st_size > 1000
+    assert list(out.glob("u_2d_direction_0.*"))
+
+
+@pytest.mark.skip_in_parallel
+def test_demo_two_scale(tmp_path):
+    metrics = _run_demo("demo_two_scale.py", tmp_path / "out_two_scale")
+    assert metrics["quick"] is True
+    assert (tmp_path / "out_two_scale" / "metrics.json").exists()
+
+
+def test_demo_folder_is_complete():
+    """Every demo is a jupytext light script with a markdown title (DOLFINx's demo style)."""
+    if MPI.COMM_WORLD.rank == 0:
+        for path in DEMOS.glob("demo_*.py"):
+            text = path.read_text()
+            assert "format_name: light" in text, path
+            assert "\n# # " in text, path
