@@ -32,6 +32,8 @@ $(error DOLFINX must be 'wheel' (default) or 'system', got '$(DOLFINX)')
 endif
 STAMP := $(VENV)/.dolfinx_pinn-installed-$(DOLFINX)
 
+# DOLFINX=system: the venv also sees the site-packages of the interpreter that created it (a .pth
+# file), so a DOLFINx installed in a venv or conda environment, not only system-wide, is found.
 # A venv whose interpreter no longer runs or is older than 3.12 is stale: drop its stamp so that
 # the set-up below recreates it.
 VENV_OK := $(shell $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && echo yes)
@@ -67,6 +69,15 @@ $(STAMP): pyproject.toml
 	  echo "creating $(VENV) with $$python ($(DOLFINX) DOLFINx)"; \
 	  rm -rf $(VENV); \
 	  "$$python" -m venv $(VENV_FLAGS) $(VENV); \
+	  if [ "$(DOLFINX)" = system ]; then \
+	    "$$python" -c 'import site; print("\n".join(site.getsitepackages()))' \
+	      > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_dolfinx_pinn_system.pth"; \
+	  fi; \
+	fi
+	@if [ "$(DOLFINX)" = system ] && ! $(PY) -c 'from mpi4py import MPI; import dolfinx' >/dev/null 2>&1; then \
+	  echo "error: DOLFINX=system, but $(VENV) sees no DOLFINx; pass PYTHON= the interpreter that" \
+	    "imports dolfinx (e.g. PYTHON=python3 in the DOLFINx image), or drop DOLFINX=system" >&2; \
+	  exit 1; \
 	fi
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
