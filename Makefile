@@ -1,6 +1,6 @@
 # dolfinx_pinn: set-up, demo, tests, lint and benchmarks.
 #
-#   make demo                 create/refresh .venv, run the main demo (writes out_<demo>/)
+#   make demo                 create/refresh .venv, run the reference and main demos (out_<demo>/)
 #   make test                 the same set-up, then the suite serially and under mpirun -n 2
 #   make lint | bench | clean
 #
@@ -18,7 +18,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 DOLFINX ?= wheel
 NP ?= 2
-MAIN_DEMO ?= demos/demo_reference.py
+MAIN_DEMO ?= demos/demo_upscaling_consistency_1d.py
 PY := $(VENV)/bin/python
 
 ifeq ($(DOLFINX),system)
@@ -86,7 +86,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The fine-scale references first (seconds), then the main demo: the 1D hybrid solver.
 demo: $(STAMP)
+	$(PY) demos/demo_reference.py
 	$(PY) $(MAIN_DEMO)
 
 test: test-serial test-parallel
@@ -103,8 +105,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check dolfinx_pinn tests demos benchmarks
 	$(VENV)/bin/ruff format --check dolfinx_pinn tests demos benchmarks
 
+# BENCH_ARGS="--quick" for the < 10 minute version; see benchmarks/run.py --help.
 bench: $(STAMP)
-	for script in benchmarks/bench_*.py; do $(PY) "$$script"; done
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf out_*/ .pytest_cache

@@ -46,6 +46,7 @@ from dolfinx_pinn.reference import (
     upscaled_coefficient,
     upscaled_tensor,
 )
+from dolfinx_pinn.solver import HybridSolver
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,7 @@ __all__ = [
     "CompressionOperator",
     "CouplingTerm",
     "ExactSolution1D",
+    "HybridSolver",
     "MultiscaleFourierNet",
     "MultiscaleProblem",
     "PINNSolver",

@@ -484,7 +484,9 @@ def _column_scale_from_norms(squared_norms: torch.Tensor) -> torch.Tensor:
     """``sqrt`` of the squared column norms, 1 for zero columns (parameters without effect)."""
     norms = torch.sqrt(squared_norms)
     largest = float(norms.max()) if norms.numel() else 1.0
-    return torch.where(norms > 1e-300 + 1e-30 * largest, norms, torch.ones_like(norms))
+    # Round-off columns (a transfinite output bias, ~1e-16) keep scale 1: unit-scaling them would
+    # hand them coefficients of 1e14 in the least-squares step.
+    return torch.where(norms > 1e-300 + 1e-12 * largest, norms, torch.ones_like(norms))
 
 
 def _column_scale(gram: torch.Tensor) -> torch.Tensor:

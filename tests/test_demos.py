@@ -51,6 +51,18 @@ def test_demo_two_scale(tmp_path):
     assert (tmp_path / "out_two_scale" / "metrics.json").exists()
 
 
+@pytest.mark.skip_in_parallel
+def test_demo_upscaling_consistency_1d(tmp_path):
+    """The main demo: the two-scale hybrid with τ2 continuation beats the constant-τ2 bias."""
+    out = tmp_path / "out_upscaling_consistency_1d"
+    metrics = _run_demo("demo_upscaling_consistency_1d.py", out)
+    for case in metrics["cases"].values():
+        continuation = case["two_scale_hybrid_continuation"]["rel_l2"]
+        assert continuation <= 1e-4
+        assert continuation < case["two_scale_hybrid_constant"]["rel_l2"]
+    assert list(out.glob("*.png"))
+
+
 def test_demo_folder_is_complete():
     """Every demo is a jupytext light script with a markdown title (DOLFINx's demo style)."""
     if MPI.COMM_WORLD.rank == 0:

@@ -1,0 +1,121 @@
+"""Tests of the ``dolfinx-pinn`` command line: validation by name, help, a tiny complete run."""
+
+from mpi4py import MPI  # isort: skip
+
+import csv
+import json
+
+import pytest
+import torch
+
+from dolfinx_pinn import io as run_io
+from dolfinx_pinn.cli import SCHEMA, ConfigError, build_parser, load_config, main
+
+COMM = MPI.COMM_WORLD
+torch.set_num_threads(1)
+
+TINY = """
+[problem]
+name = "paper_1d"
+eps = 0.1
+[network]
+k_max = 4
+width = 8
+[coarse]
+h = 0.05
+[points]
+n_interior = 400
+[loss]
+tau2_schedule = "continuation"
+[optimizer]
+name = "gauss_newton"
+steps = 2
+[run]
+progress = false
+eval_every = 1
+"""
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("network.widht=3", r"unknown key network\.widht"),
+        ("solver.steps=3", r"unknown section \[solver\]"),
+        ("optimizer.steps=1.5", r"optimizer\.steps must be of type integer"),
+        ("optimizer.lr=-1", r"optimizer\.lr must be > 0"),
+        ("loss.tau2_schedule=linear", r"loss\.tau2_schedule must be one of"),
+        ("coarse.lazy=3", r"coarse\.lazy must be of type boolean"),
+        ("run.device=tpu", r"run\.device must be"),
+        ("points", r"--set expects section\.key=value"),
+    ],
+)
+def test_bad_key_type_or_range_is_named(tmp_path, override, message):
+    path = tmp_path / "config.toml"
+    path.write_text(TINY)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [override])
+
+
+def test_main_reports_bad_config_before_work(tmp_path, capsys):
+    path = tmp_path / "config.toml"
+    path.write_text(TINY + "\n[extra]\nkey = 1\n")
+    assert main(["run", str(path)]) == 2
+    if COMM.rank == 0:
+        assert "unknown section [extra]" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_help_documents_every_key():
+    text = build_parser().format_help()
+    for section, keys in SCHEMA.items():
+        assert f"[{section}]" in text
+        for name in keys:
+            assert f"    {name} (" in text, name
+
+
+def test_overrides_and_defaults(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(TINY)
+    config = load_config(path, ["optimizer.lr=1e-3", "problem.name=paper_2d", "coarse.h=0.1"])
+    assert config["optimizer"]["lr"] == 1e-3
+    assert config["problem"]["name"] == "paper_2d"
+    assert config["coarse"]["h"] == 0.1
+    assert config["loss"]["tau1"] == SCHEMA["loss"]["tau1"].default
+
+
+def test_tiny_run_writes_every_file(mpi_tmp_path):
+    path = mpi_tmp_path / "tiny.toml"
+    if COMM.rank == 0:
+        path.write_text(TINY)
+    COMM.barrier()
+    output = mpi_tmp_path / "run"
+    assert main(["run", str(path), "--set", f"run.output='{output}'"]) == 0
+    COMM.barrier()
+    suffix = ".bp" if run_io.dolfinx.has_adios2 else ".xdmf"
+    for name in (f"coarse{suffix}", f"fine{suffix}", "metrics.json", "history.csv"):
+        assert (output / name).exists(), name
+    for name in ("solution.png", "error.png", "history.png"):
+        assert (output / name).stat().st_size > 1000, name
+    metrics = json.loads((output / "metrics.json").read_text())
+    for key in run_io.METRIC_KEYS:
+        assert key in metrics, key
+    assert metrics["iterations"] == 2 and metrics["n_ranks"] == COMM.size
+    assert 0 < metrics["rel_l2"] < 0.5 and 0 <= metrics["coarse_share"] <= 1
+    assert metrics["K_tilde"] == pytest.approx(3**0.5, abs=0.05)
+    with open(output / "history.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [int(row["step"]) for row in rows] == [1, 2]
+    assert {"loss", "pde", "coupling", "K_tilde", "tau2", "time_coarse", "l2", "h1"} <= set(rows[0])
+
+
+def test_shipped_configs_are_valid():
+    """Every configuration in demos/configs passes validation."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "demos" / "configs"
+    paths = sorted(folder.glob("*.toml"))
+    assert paths
+    for path in paths:
+        config = load_config(path)
+        assert config["optimizer"]["steps"] >= 1, path

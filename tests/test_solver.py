@@ -1,0 +1,293 @@
+"""Tests of HybridSolver (Algorithm 3.1): gradient (adjoint included), MPI, checkpoints, errors.
+
+Serially and under ``mpirun -n 2``; everything in float64 with small sizes.
+"""
+
+from mpi4py import MPI  # isort: skip
+
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from dolfinx_pinn import paper_1d, paper_2d
+from dolfinx_pinn.networks import MLP, HardBoundaryNet, TransfiniteBoundaryNet, TwoScaleNet
+from dolfinx_pinn.reference import exact_1d
+from dolfinx_pinn.solver import HybridSolver, rank_device
+
+COMM = MPI.COMM_WORLD
+torch.set_num_threads(1)
+
+
+def _small_solver(comm=COMM, lazy=False, dim=1, seed=0, tau2=10.0, **kwargs) -> HybridSolver:
+    """A cheap hybrid solver: paper_1d(0.1) (or paper_2d(0.25)), a hard-BC MLP."""
+    problem = paper_1d(0.1) if dim == 1 else paper_2d(0.25)
+    network = HardBoundaryNet(MLP(dim, 8, 2, seed=seed), problem)
+    options = {"coarse_h": 0.05 if dim == 1 else 0.125, "n_interior": 400 if dim == 1 else 3000}
+    options.update(kwargs)
+    return HybridSolver(problem, network, comm=comm, tau2=tau2, lazy=lazy, seed=seed, **options)
+
+
+def _flat(solver: HybridSolver) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in solver.network.parameters()]).clone()
+
+
+def _set_flat(solver: HybridSolver, vector: torch.Tensor) -> None:
+    offset = 0
+    with torch.no_grad():
+        for p in solver.network.parameters():
+            p.copy_(vector[offset : offset + p.numel()].reshape(p.shape))
+            offset += p.numel()
+
+
+def _taylor_remainders(solver: HybridSolver, seed: int = 3) -> tuple[list[float], float]:
+    """Remainders |Ĵ(θ + h d) - Ĵ(θ) - h ∇Ĵ·d| for h = 2^-k and the first-order term size."""
+    theta = _flat(solver)
+    value, gradient = solver.gradient()
+    generator = torch.Generator().manual_seed(seed)  # the same direction on every rank
+    direction = torch.randn(theta.shape, generator=generator, dtype=torch.float64)
+    direction *= theta.norm() / direction.norm() * 0.05
+    slope = float(gradient @ direction)
+    remainders = []
+    for k in range(3, 9):
+        h = 2.0**-k
+        _set_flat(solver, theta + h * direction)
+        shifted = float(solver.objective_value().detach())
+        remainders.append(abs(shifted - value - h * slope))
+    _set_flat(solver, theta)
+    return remainders, abs(slope)
+
+
+@pytest.mark.parametrize(("lazy", "compress_state"), [(False, False), (True, False), (False, True)])
+def test_taylor_total_gradient_with_adjoint(lazy, compress_state):
+    """O(h²) remainder of Ĵ along a random direction: the adjoint part is included.
+
+    With the coupling (2.10) and (2.16), the exact state and the lazy (linearised) one.
+    """
+    solver = _small_solver(lazy=lazy, tau2=1e4, compress_state=compress_state)
+    try:
+        if lazy:
+            # Anchor the linearised state away from the current K̃, so the surrogate differs
+            # from the exact state where it is tested.
+            solver.refresh(solver.upscaled_coefficient().detach() + 0.05)
+        terms, _, _ = solver.losses(solver.tau2)
+        # The coupling must matter, or the test would not see the adjoint part.
+        assert float(terms["coupling"].detach()) > 1e-2 * float(terms["pde"].detach())
+        remainders, slope = _taylor_remainders(solver)
+        rates = [math.log2(remainders[k] / remainders[k + 1]) for k in range(len(remainders) - 1)]
+        assert min(rates) > 1.85, (rates, remainders)
+        assert remainders[-1] < 1e-3 * slope
+    finally:
+        solver.destroy()
+
+
+def test_lazy_gradient_equals_exact_at_anchor():
+    """At the anchor K̃₀ the linearised state has the exact gradient (checks ∂y_h/∂K̃)."""
+    exact = _small_solver(lazy=False, tau2=1e4)
+    lazy = _small_solver(lazy=True, tau2=1e4)
+    try:
+        lazy.refresh(lazy.upscaled_coefficient().detach())
+        value_exact, gradient_exact = exact.gradient()
+        value_lazy, gradient_lazy = lazy.gradient()
+        assert value_lazy == pytest.approx(value_exact, rel=1e-12)
+        error = float((gradient_lazy - gradient_exact).norm() / gradient_exact.norm())
+        assert error < 1e-9, error
+        # ...and a frozen state (no sensitivity) would be visibly wrong:
+        lazy._linearization = (
+            lazy._linearization[0],
+            torch.zeros_like(lazy._linearization[1]),
+            lazy._linearization[2],
+        )
+        _, gradient_frozen = lazy.gradient()
+        assert float((gradient_frozen - gradient_exact).norm() / gradient_exact.norm()) > 1e-4
+    finally:
+        exact.destroy()
+        lazy.destroy()
+
+
+def _history(solver: HybridSolver, optimizer: str, steps: int, **options) -> dict:
+    return solver.train(optimizer, steps, progress=False, eval_every=10, **options)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "lazy", "options", "rtol"),
+    [
+        ("adam", False, {"lr": 1e-2, "balance_every": 5}, 1e-10),
+        ("adam", True, {"lr": 1e-2, "balance_every": 5, "lazy_every": 4, "lazy_tol": 1e-4}, 1e-10),
+        # The normal equations square the condition number: round-off grows faster.
+        ("gauss_newton", True, {"form": "normal", "variable_projection": False}, 1e-8),
+    ],
+)
+def test_history_independent_of_ranks(optimizer, lazy, options, rtol):
+    """The run on COMM_WORLD equals a COMM_SELF run to round-off (20 Adam / 4 GN steps)."""
+    steps = 20 if optimizer == "adam" else 4
+    histories = []
+    for comm in (COMM, MPI.COMM_SELF):
+        solver = _small_solver(comm=comm, lazy=lazy)
+        try:
+            histories.append(_history(solver, optimizer, steps, **options))
+            histories[-1]["theta"] = _flat(solver)
+        finally:
+            solver.destroy()
+    world, single = histories
+    for key in ("loss", "pde", "coupling", "K_tilde", "refreshes"):
+        assert len(world[key]) == steps
+        np.testing.assert_allclose(world[key], single[key], rtol=rtol, atol=1e-14, err_msg=key)
+    if optimizer == "adam":  # Gauss-Newton's parameters are ill-determined; its losses agree
+        assert float((world["theta"] - single["theta"]).abs().max()) < 1e-9
+    if lazy and optimizer == "adam":
+        assert world["refreshes"][-1] > 1  # the lazy update did refresh
+
+
+def test_checkpoint_resume_equals_uninterrupted(mpi_tmp_path):
+    """N + N steps with a resume in between equal 2N steps, bit for bit; also after SIGINT."""
+    options = {"lr": 1e-2, "balance_every": 3, "lazy_every": 4, "lazy_tol": 1e-4}
+
+    def run(steps, **extra):
+        solver = _small_solver(lazy=True)
+        try:
+            history = solver.train("adam", steps, progress=False, eval_every=3, **options, **extra)
+            return history, _flat(solver)
+        finally:
+            solver.destroy()
+
+    full, theta_full = run(12)
+    folder = mpi_tmp_path / "ckpt"
+    half, _ = run(6, checkpoint_every=6, checkpoint_dir=folder)
+    assert len(half["step"]) == 6
+    resumed, theta_resumed = run(12, checkpoint_dir=folder, resume=True)
+    assert torch.equal(theta_full, theta_resumed)
+    assert resumed["loss"] == full["loss"]
+    assert resumed["l2"] == full["l2"] and resumed["eval_step"] == full["eval_step"]
+
+    # A SIGINT (on rank 0 only) after step 5 writes a checkpoint and stops every rank.
+    def interrupt(step, record):
+        if step == 5 and COMM.rank == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    signalled = mpi_tmp_path / "signal"
+    with pytest.raises(KeyboardInterrupt, match="interrupted"):
+        run(12, checkpoint_dir=signalled, callback=interrupt)
+    resumed, theta_resumed = run(12, checkpoint_dir=signalled, resume=True)
+    assert torch.equal(theta_full, theta_resumed)
+    assert resumed["loss"] == full["loss"]
+
+
+def test_nan_coefficient_and_diverging_lr_raise_clearly(mpi_tmp_path):
+    folder = mpi_tmp_path / "nan"
+    solver = _small_solver(lazy=True)
+    try:
+        solver.train("adam", 3, lr=1e-2, progress=False, checkpoint_every=1, checkpoint_dir=folder)
+        solver.pde_block.K[0] = float("nan")  # a NaN in the coefficient data
+        with pytest.raises(RuntimeError, match=r"pde.*not finite.*last good checkpoint"):
+            solver.train("adam", 6, lr=1e-2, progress=False, checkpoint_dir=folder, resume=True)
+    finally:
+        solver.destroy()
+    # The last good checkpoint is usable: resuming from it runs on.
+    solver = _small_solver(lazy=True)
+    try:
+        history = solver.train(
+            "adam", 5, lr=1e-2, progress=False, checkpoint_dir=folder, resume=True
+        )
+        assert history["step"] == [1, 2, 3, 4, 5]
+        assert all(np.isfinite(history["loss"]))
+    finally:
+        solver.destroy()
+    solver = _small_solver(lazy=False)
+    try:
+        with pytest.raises(RuntimeError, match=r"not finite|non-finite"):
+            solver.train("adam", 20, lr=1e200, progress=False, balancing=False)
+    finally:
+        solver.destroy()
+
+
+def test_validation_messages():
+    problem = paper_1d(0.1)
+    network = HardBoundaryNet(MLP(1, 4, 1, seed=0), problem)
+    with pytest.raises(ValueError, match="n_interior"):
+        HybridSolver(problem, network, n_interior=0)
+    with pytest.raises(ValueError, match="tau2"):
+        HybridSolver(problem, network, tau2=-1.0)
+    with pytest.raises(ValueError, match="coarse_h"):
+        HybridSolver(problem, network, coarse_h=0.0)
+    with pytest.raises(ValueError, match="float64"):
+        HybridSolver(problem, HardBoundaryNet(MLP(1, 4, 1, dtype=torch.float32), problem))
+    solver = _small_solver()
+    try:
+        for key, value in (
+            ("optimizer", "sgd"),
+            ("steps", -1),
+            ("lr", 0.0),
+            ("tau2_schedule", "linear"),
+            ("tau2_decay", 1.5),
+            ("lazy_every", 0),
+            ("checkpoint_every", 0),
+        ):
+            arguments = {"optimizer": "adam", "steps": 1, key: value}
+            with pytest.raises(ValueError, match=key):
+                solver.train(**arguments)
+    finally:
+        solver.destroy()
+    assert rank_device("cpu", COMM) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            rank_device("cuda", COMM)
+
+
+def test_soft_boundary_2d_adam_runs():
+    """2D with soft boundary rows (boundary points owned per rank) and the coupling."""
+    problem = paper_2d(0.25)
+    solver = HybridSolver(
+        problem, MLP(2, 8, 2, seed=0), coarse_h=0.125, n_interior=3000, n_boundary=200, tau2=1.0
+    )
+    try:
+        history = solver.train("adam", 5, lr=1e-2, progress=False)
+        assert {"pde", "boundary", "coupling"} <= set(history)
+        assert all(np.isfinite(history["loss"]))
+        assert history["boundary"][0] > 0
+    finally:
+        solver.destroy()
+
+
+def test_end_to_end_two_scale_gauss_newton_continuation():
+    """TwoScaleNet + Gauss-Newton + τ2 continuation reaches rel. L² <= 1e-5 on paper_1d(0.01).
+
+    Under MPI the rows are gathered on every rank for the QR least squares (the normal
+    equations would stall near 1e-4).
+    """
+    problem = paper_1d(0.01)
+    network = TransfiniteBoundaryNet(TwoScaleNet.for_problem(problem, seed=0), problem)
+    solver = HybridSolver(problem, network, n_interior=3000, tau2=1.0, reference=exact_1d(problem))
+    try:
+        history = solver.train(
+            "gauss_newton", 6, tau2_schedule="continuation", tau2_decay=0.01, progress=False
+        )
+        assert history["tau2"][0] == 1.0 and history["tau2"][-1] < 1e-6
+        assert history["l2"][-1] <= 1e-5, history["l2"]
+        assert history["h1"][-1] <= 1e-4, history["h1"]
+        assert history["K_tilde"][-1] == pytest.approx(math.sqrt(3), abs=2e-3)
+    finally:
+        solver.destroy()
+
+
+def test_gauss_newton_checkpoint_resume(mpi_tmp_path):
+    """Gauss-Newton (damping state, lazy anchor, τ2 continuation) resumes exactly too."""
+    options = {"tau2_schedule": "continuation", "progress": False}
+
+    def run(steps, **extra):
+        solver = _small_solver(lazy=True, tau2=1.0)
+        try:
+            history = solver.train("gauss_newton", steps, **options, **extra)
+            return history, _flat(solver)
+        finally:
+            solver.destroy()
+
+    full, theta_full = run(4)
+    folder = mpi_tmp_path / "gn"
+    run(2, checkpoint_every=2, checkpoint_dir=folder)
+    resumed, theta_resumed = run(4, checkpoint_dir=folder, resume=True)
+    assert torch.equal(theta_full, theta_resumed)
+    assert resumed["loss"] == full["loss"] and resumed["lr"] == full["lr"]
