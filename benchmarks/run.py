@@ -260,7 +260,8 @@ def markdown(results: dict[str, Any]) -> str:
             continue
         lines += ["", f"## {name}", ""]
         keys = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
-        nested = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+        # Curves go to the plots, not the table.
+        nested = [k for k in rows[0] if isinstance(rows[0][k], dict) and k != "curve"]
         header = keys + [f"{k}.{sub}" for k in nested for sub in rows[0][k]]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
@@ -293,7 +294,8 @@ def accuracy_plots(results: dict[str, Any], stem: Path) -> list[str]:
         for row in curves:
             time_s, l2 = row["curve"]["time"], row["curve"]["l2"]
             if time_s:
-                axis.loglog(np.maximum(time_s, 1e-2), l2, marker=".", label=row["label"])
+                label = f"{row['label']}, ε = {row['eps']:.3g}"
+                axis.loglog(np.maximum(time_s, 1e-2), l2, marker=".", label=label)
         axis.set_xlabel("wall time [s]")
         axis.set_ylabel("relative $L^2$ error")
         axis.set_title(f"{case}: {results['host']} ({results['device']})")

@@ -870,6 +870,18 @@ class HybridSolver:
     def _allreduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return allreduce_sum(tensor.detach(), self.comm)
 
+    def _lazy_refresh(self, step: int, lazy_every: int, lazy_tol: float) -> None:
+        """The lazy coarse update of a step: check K̃ is finite, refresh y_h if it moved."""
+        if not self.lazy:
+            return
+        K = self.upscaled_coefficient().detach()
+        if not bool(torch.isfinite(K).all()):
+            raise RuntimeError(
+                f"the loss term 'K_tilde' is not finite ({K.tolist()}); "
+                f"the last good checkpoint is {self.last_checkpoint}"
+            )
+        self._lazy_check(step, K, lazy_every, lazy_tol)
+
     def _lazy_check(self, step: int, K: torch.Tensor, every: int, tol: float) -> None:
         if not self.lazy:
             return
@@ -896,14 +908,7 @@ class HybridSolver:
         lazy_every: int,
         lazy_tol: float,
     ) -> dict[str, Any]:
-        if self.lazy:
-            K = self.upscaled_coefficient().detach()
-            if not bool(torch.isfinite(K).all()):
-                raise RuntimeError(
-                    f"the loss term 'K_tilde' is not finite ({K.tolist()}); "
-                    f"the last good checkpoint is {self.last_checkpoint}"
-                )
-            self._lazy_check(step, K, lazy_every, lazy_tol)
+        self._lazy_refresh(step, lazy_every, lazy_tol)
         terms, K, R = self.losses(tau2)
         values = {name: float(value.detach()) for name, value in terms.items()}
         if not all(math.isfinite(v) for v in values.values()):
@@ -963,14 +968,7 @@ class HybridSolver:
         lazy_tol: float,
     ) -> dict[str, Any]:
         block.tau2 = tau2
-        if self.lazy:
-            K = self.upscaled_coefficient().detach()
-            if not bool(torch.isfinite(K).all()):
-                raise RuntimeError(
-                    f"the loss term 'K_tilde' is not finite ({K.tolist()}); "
-                    f"the last good checkpoint is {self.last_checkpoint}"
-                )
-            self._lazy_check(step, K, lazy_every, lazy_tol)
+        self._lazy_refresh(step, lazy_every, lazy_tol)
         try:
             info = gn.step()
         except FloatingPointError as error:
