@@ -46,6 +46,7 @@ __all__ = [
     "allreduce_gradients",
     "allreduce_sum",
     "upscaled_coefficient",
+    "upscaled_tensor_from_gradients",
 ]
 
 
@@ -148,6 +149,37 @@ def upscaled_coefficient(
     flux_i = torch.einsum("nj,nj->n", K[:, i, :], shifted)
     local = flux_i.sum() * (measure / global_count)
     return allreduce_sum(local, comm)
+
+
+def upscaled_tensor_from_gradients(
+    gradients: torch.Tensor, K: torch.Tensor, weight: float, comm: MPI.Comm
+) -> torch.Tensor:
+    """The Monte-Carlo upscaled tensor of Algorithm 4.1, ``K̃ = F T⁻¹`` (4.7), differentiable.
+
+    With ``w_i = u_i + x_i`` the fine solution lifted in direction ``e_i``, the columns are
+    ``T_{:,i} = ⟨∇u_i + e_i⟩`` and ``F_{:,i} = ⟨K^ε(∇u_i + e_i)⟩``, the means taken by Monte
+    Carlo, ``weight · Σ_r`` over this rank's points and summed over the ranks with
+    :func:`allreduce_sum` (collective on ``comm``; every rank holds the same K̃).
+
+    Args:
+        gradients: ``(N, d, d)`` with ``gradients[r, i] = ∇u_i(x_r)`` at this rank's points.
+        K: The coefficient matrices ``(N, d, d)`` at the same points (detached).
+        weight: The Monte-Carlo weight ``|Ω| / M`` (M the global point count).
+        comm: The communicator of the points.
+
+    Returns:
+        The ``(d, d)`` tensor K̃ (not symmetrised: the Monte-Carlo estimate is symmetric only
+        up to sampling and training error).
+    """
+    d = K.shape[-1]
+    shifted = gradients + torch.eye(d, dtype=gradients.dtype, device=gradients.device)
+    flux = torch.einsum("rjk,rik->rij", K, shifted)  # flux[r, i] = K(x_r)(∇u_i + e_i)
+    # Row i of the sums is column i of T and F: one allreduce for both.
+    local = torch.stack([shifted.sum(dim=0), flux.sum(dim=0)]) * weight
+    sums = allreduce_sum(local, comm)
+    T, F = sums[0].T, sums[1].T
+    # K̃ T = F  ⇔  Tᵀ K̃ᵀ = Fᵀ.
+    return torch.linalg.solve(T.T, F.T).T
 
 
 # -- PETSc matrix as a torch operation ---------------------------------------------------------

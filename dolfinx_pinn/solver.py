@@ -32,6 +32,16 @@ order at K̃₀ (its gradient there is the exact one) and its gradient is exact 
 objective, so Adam and the Taylor test see a consistent function. With ``lazy=False`` every
 step solves the state and the adjoint.
 
+Full-tensor mode (``full_tensor=True``, Algorithm 4.1): the network has d outputs, output i
+the fine solution u_i of (4.8) lifted in direction e_i (its PDE rows use the right-hand side of
+``problem.with_lifting_direction(i)``), and the whole ``K̃ = F T⁻¹`` of (4.7) comes from them,
+``T_{:,i} = ⟨∇u_i + e_i⟩``, ``F_{:,i} = ⟨K^ε(∇u_i + e_i)⟩`` (Monte Carlo, reduced over the
+ranks). The coarse problem takes the symmetrised d×d tensor (``parametrization="tensor"``). Every
+u_i has the same slow part, the homogenised u_0 of ``-div(K* ∇u_0) = q`` (``div(K* e_i) = 0``
+for a constant K*), so each output's compression Q̄u_i is coupled to the one coarse state:
+``R = Σ_i Σ_nodes w (Q̄u_i - ŷ)²``. The errors, :meth:`predict` and the outputs use the output
+of the problem's own lifting direction. Adam only.
+
 τ2 schedule: ``"constant"`` (the paper) or ``"continuation"``: ``τ2 · decay^⌊it/steps⌋`` and 0
 once below ``tau2_min``, so the coupling preconditions the slow component early and the
 upscaling-consistency bias (Theorem 3.2) vanishes at the end.
@@ -84,6 +94,7 @@ from dolfinx_pinn.coupling import (
     allreduce_gradients,
     allreduce_sum,
     upscaled_coefficient,
+    upscaled_tensor_from_gradients,
 )
 from dolfinx_pinn.optim import GaussNewton, LeastSquaresObjective, LossBalancer
 from dolfinx_pinn.pinn import ReferenceErrors, select_device
@@ -125,6 +136,28 @@ def rank_device(device: str | torch.device, comm: MPI.Comm) -> torch.device:
     if resolved.type == "cuda" and resolved.index is None:
         return torch.device("cuda", comm.rank % torch.cuda.device_count())
     return resolved
+
+
+class _Output(nn.Module):
+    """Output ``index`` of a multi-output network as a scalar network ``(N, d) -> (N,)``."""
+
+    def __init__(self, network: nn.Module, index: int) -> None:
+        super().__init__()
+        self.network = network
+        self.index = index
+        self.dim = getattr(network, "dim", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)[:, self.index]
+
+
+def _output_count(network: nn.Module, problem: MultiscaleProblem, device: torch.device) -> int:
+    """The number of outputs of a network, from one evaluation at the domain's centre."""
+    lower, upper = np.asarray(problem.domain.lower), np.asarray(problem.domain.upper)
+    centre = torch.as_tensor(0.5 * (lower + upper), dtype=torch.float64, device=device)
+    with torch.no_grad():
+        out = network(centre[None, : problem.dim])
+    return 1 if out.ndim == 1 else int(out.reshape(1, -1).shape[1])
 
 
 class _Timer:
@@ -371,6 +404,9 @@ class HybridSolver:
             :func:`dolfinx_pinn.reference.exact_1d`), a pair of callables, or a dolfinx
             Function (then :func:`dolfinx_pinn.reference.relative_errors`, collective).
         petsc_options: Options of the coarse KSPs (default MUMPS LU).
+        full_tensor: Algorithm 4.1: the network has d outputs (output i lifted in direction
+            e_i) and gives the whole K̃ (a d×d tensor); see the module doc. Adam only; the
+            derivative ``method`` must not be ``"jet"`` (the jets are scalar).
 
     Raises:
         ValueError: naming the parameter, when an input is out of range.
@@ -397,6 +433,7 @@ class HybridSolver:
         seed: int = 0,
         reference: Any = None,
         petsc_options: dict[str, Any] | None = None,
+        full_tensor: bool = False,
     ) -> None:
         comm = MPI.COMM_WORLD if comm is None else comm
         if coarse_mesh is not None:
@@ -411,6 +448,12 @@ class HybridSolver:
             raise ValueError(f"network: dimension {network.dim} != problem dimension {problem.dim}")
         if not (isinstance(seed, int) and seed >= 0):
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        self.full_tensor = bool(full_tensor)
+        if self.full_tensor and method == "jet":
+            raise ValueError(
+                "method: 'jet' needs a scalar network; full_tensor=True needs "
+                "'auto', 'autograd' or 'func'"
+            )
         self.problem = problem
         self.comm = comm
         self.device = rank_device(device, comm)
@@ -423,6 +466,18 @@ class HybridSolver:
         self.dtype = next(network.parameters()).dtype
         if self.dtype != torch.float64:
             raise ValueError(f"network: float64 parameters are needed, got {self.dtype}")
+        outputs = _output_count(network, problem, self.device)
+        expected = problem.dim if self.full_tensor else 1
+        if outputs != expected:
+            raise ValueError(
+                f"network: {outputs} output(s), but full_tensor={self.full_tensor} needs "
+                f"{expected} (one per lifting direction e_i with full_tensor=True)"
+            )
+        # The network of the problem's own lifting direction: errors, predictions, outputs.
+        self._outputs = [_Output(self.network, i) for i in range(problem.dim)]
+        self.solution: nn.Module = (
+            self._outputs[problem.lifting_direction] if self.full_tensor else self.network
+        )
 
         # -- coarse mesh, points, operators ------------------------------------------------
         if coarse_mesh is None:
@@ -433,7 +488,10 @@ class HybridSolver:
             coarse_mesh = problem.create_mesh(comm, cells)
         self.mesh = coarse_mesh
         self.coarse = CoarseProblem(
-            problem, coarse_mesh, parametrization="entry", petsc_options=petsc_options
+            problem,
+            coarse_mesh,
+            parametrization="tensor" if self.full_tensor else "entry",
+            petsc_options=petsc_options,
         )
         self._timer = _Timer()
         for name in ("solve_state", "solve_adjoint", "parameter_gradient"):
@@ -465,6 +523,16 @@ class HybridSolver:
         i = problem.lifting_direction
         with torch.no_grad():
             self._K_rows = problem.K_matrix(self.interior_points)[:, i, :].detach()
+        self._K_matrix: torch.Tensor | None = None
+        self._f_directions: list[torch.Tensor] = []
+        if self.full_tensor:
+            # K^ε and ∇·K^ε do not depend on the lifting direction; f^ε = q + ∇·(K^ε e_i) does.
+            with torch.no_grad():
+                self._K_matrix = problem.K_matrix(self.interior_points).detach()
+            self._f_directions = [
+                PDEBlock(problem.with_lifting_direction(j), self.interior_points).f
+                for j in range(problem.dim)
+            ]
         self.boundary_block: BoundaryBlock | None = None
         if not hard and self.points.global_boundary_count > 0:
             boundary_weight = (
@@ -491,9 +559,9 @@ class HybridSolver:
         if isinstance(reference, dolfinx.fem.Function):
             from dolfinx_pinn.reference import relative_errors
 
-            return lambda: relative_errors(self.network, reference)
+            return lambda: relative_errors(self.solution, reference)
         errors = ReferenceErrors(self.problem, reference)
-        return lambda: errors(self.network)
+        return lambda: errors(self.solution)
 
     def relative_errors(self) -> tuple[float, float]:
         """Relative L² and H¹-seminorm errors of the network against the reference."""
@@ -502,7 +570,18 @@ class HybridSolver:
         return self.errors()
 
     def upscaled_coefficient(self) -> torch.Tensor:
-        """K̃[v_θ] of (4.10), replicated on every rank, differentiable (collective)."""
+        """K̃[v_θ] of (4.10), replicated on every rank, differentiable (collective).
+
+        With ``full_tensor`` the d×d tensor ``F T⁻¹`` of (4.7) (not symmetrised).
+        """
+        if self.full_tensor:
+            x = self.interior_points.detach().requires_grad_(True)
+            values = self.network(x)
+            gradients = [
+                torch.autograd.grad(values[:, i].sum(), x, create_graph=True)[0]
+                for i in range(self.problem.dim)
+            ]
+            return self._upscaled_tensor(gradients)
         return upscaled_coefficient(
             self.problem,
             self.network,
@@ -512,14 +591,34 @@ class HybridSolver:
             global_count=self.points.global_interior_count,
         )
 
+    def _upscaled_tensor(self, gradients: list[torch.Tensor]) -> torch.Tensor:
+        """``F T⁻¹`` from the gradients ``∇u_i`` ``(N, d)`` at the owned points (collective)."""
+        assert self._K_matrix is not None
+        return upscaled_tensor_from_gradients(
+            torch.stack(gradients, dim=1), self._K_matrix, self.points.weight, self.comm
+        )
+
     def admissible_coefficient(self, K_tilde: torch.Tensor) -> torch.Tensor:
         """K̃ clipped to the bounds [α, β] of K^ε, which contain every upscaled coefficient.
 
         A network far from the solution (e.g. at initialisation) can give a K̃ ≤ 0 and a
         non-coercive coarse problem; the clip keeps the state defined (its gradient is zero
         outside the bounds, where the coupling then acts through Q̄v only).
+
+        With ``full_tensor`` the tensor is symmetrised (K* is symmetric; the Monte-Carlo
+        ``F T⁻¹`` only up to sampling error), and if an eigenvalue leaves [α, β] the
+        eigenvalues are clipped, with a zero gradient like the scalar clip. The same on every
+        rank (replicated input, deterministic LAPACK).
         """
-        return K_tilde.clamp(min=self.problem.alpha, max=self.problem.beta)
+        if not self.full_tensor:
+            return K_tilde.clamp(min=self.problem.alpha, max=self.problem.beta)
+        symmetric = 0.5 * (K_tilde + K_tilde.T)
+        eigenvalues, vectors = np.linalg.eigh(symmetric.detach().cpu().numpy())
+        alpha, beta = self.problem.alpha, self.problem.beta
+        if alpha <= eigenvalues.min() and eigenvalues.max() <= beta:
+            return symmetric
+        projected = (vectors * np.clip(eigenvalues, alpha, beta)) @ vectors.T
+        return torch.as_tensor(projected, dtype=K_tilde.dtype, device=K_tilde.device)
 
     def state(self, K_tilde: torch.Tensor) -> torch.Tensor:
         """y_h at the owned coarse dofs: exact (``CoarseSolve``) or linearised (lazy).
@@ -542,7 +641,7 @@ class HybridSolver:
     def refresh(self, K_tilde: torch.Tensor) -> None:
         """Solve the state and its sensitivity at K̃ (the lazy update's anchor; collective)."""
         K_tilde = self.admissible_coefficient(K_tilde.detach())
-        parameter = K_tilde.cpu().numpy().astype(np.float64).reshape(())
+        parameter = K_tilde.cpu().numpy().astype(np.float64).reshape(self.coarse.parameter_shape)
         start = time.perf_counter()
         state, sensitivity = self.sensitivity(parameter)
         self._timer.total += time.perf_counter() - start
@@ -560,36 +659,47 @@ class HybridSolver:
 
     def compressed_values(self) -> torch.Tensor:
         """Q̄v at the owned coarse nodes (differentiable)."""
-        return self.compression(self.network(self.compression_points).reshape(-1))
+        return self.compression(self.solution(self.compression_points).reshape(-1))
 
     def losses(self, tau2: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """The terms of Ĵ (replicated, differentiable), K̃ and the unweighted R (collective).
 
         Returns:
-            ``({"pde", ["boundary"], "coupling" = τ2 R}, K̃, R)``.
+            ``({"pde", ["boundary"], "coupling" = τ2 R}, K̃, R)``; with ``full_tensor`` the PDE
+            and boundary terms and R are sums over the d outputs and K̃ is the d×d ``F T⁻¹``.
         """
         terms: dict[str, torch.Tensor] = {}
         # One pass of the network with second derivatives at the owned interior points gives
-        # the PDE rows, K̃ (4.10) and the owned columns of Q̄v.
+        # the PDE rows, K̃ (4.10) and the owned columns of Q̄v (per output in full-tensor mode).
         block, problem = self.pde_block, self.problem
-        jet = derivatives(
-            self.network, self.interior_points, block.method, full_hessian=problem.is_tensor
-        )
-        rows = block.weight * _residual_from_jet(
-            jet, block.K, block.drift, block.f, problem.is_tensor
-        )
-        terms["pde"] = allreduce_sum((rows * rows).sum(), self.comm)
-        point_values, gradient = jet[0], jet[1]
-        i = problem.lifting_direction
-        shifted = gradient + torch.eye(problem.dim, dtype=self.dtype, device=self.device)[i]
-        flux = torch.einsum("nj,nj->n", self._K_rows, shifted)
-        K = allreduce_sum(flux.sum() * self.points.weight, self.comm)
-        if self.has_boundary_term:
-            local = (
-                self.boundary_block.loss(self.network)
-                if self.boundary_block is not None
-                else torch.zeros((), dtype=self.dtype, device=self.device)
+        outputs = self._outputs if self.full_tensor else [self.network]
+        forcing = self._f_directions if self.full_tensor else [block.f]
+        pde = torch.zeros((), dtype=self.dtype, device=self.device)
+        jets = []
+        for output, f in zip(outputs, forcing, strict=True):
+            jet = derivatives(
+                output, self.interior_points, block.method, full_hessian=problem.is_tensor
             )
+            rows = block.weight * _residual_from_jet(
+                jet, block.K, block.drift, f, problem.is_tensor
+            )
+            pde = pde + (rows * rows).sum()
+            jets.append(jet)
+        terms["pde"] = allreduce_sum(pde, self.comm)
+        if self.full_tensor:
+            point_values = torch.stack([jet[0] for jet in jets], dim=1)  # (N, d)
+            K = self._upscaled_tensor([jet[1] for jet in jets])
+        else:
+            point_values, gradient = jets[0][0], jets[0][1]
+            i = problem.lifting_direction
+            shifted = gradient + torch.eye(problem.dim, dtype=self.dtype, device=self.device)[i]
+            flux = torch.einsum("nj,nj->n", self._K_rows, shifted)
+            K = allreduce_sum(flux.sum() * self.points.weight, self.comm)
+        if self.has_boundary_term:
+            local = torch.zeros((), dtype=self.dtype, device=self.device)
+            if self.boundary_block is not None:
+                for output in outputs:
+                    local = local + self.boundary_block.loss(output)
             terms["boundary"] = allreduce_sum(local, self.comm)
         for name, value in (*terms.items(), ("K_tilde", K)):
             if not bool(torch.isfinite(value).all()):
@@ -598,9 +708,16 @@ class HybridSolver:
                     f"the last good checkpoint is {self.last_checkpoint}"
                 )
         target = self.target(self.state(K))
-        extra = self.network(self.compression_points[len(point_values) :]).reshape(-1)
-        difference = self.compression(torch.cat([point_values.reshape(-1), extra])) - target
-        R = allreduce_sum(self.coupling_weight * (difference * difference).sum(), self.comm)
+        count = len(point_values)
+        extra = self.network(self.compression_points[count:])
+        values = torch.cat([point_values.reshape(count, -1), extra.reshape(len(extra), -1)])
+        # Every output u_i has the same slow part (the homogenised solution), so each Q̄u_i is
+        # coupled to the one coarse state.
+        local = torch.zeros((), dtype=self.dtype, device=self.device)
+        for column in range(values.shape[1]):
+            difference = self.compression(values[:, column]) - target
+            local = local + (difference * difference).sum()
+        R = allreduce_sum(self.coupling_weight * local, self.comm)
         terms["coupling"] = tau2 * R
         return terms, K, R
 
@@ -699,17 +816,25 @@ class HybridSolver:
 
         Returns:
             The history (see :attr:`history`): lists per step ``step``, ``loss``, ``pde``,
-            ``boundary``, ``coupling`` (= τ2 R), ``R``, ``K_tilde``, ``tau2``, ``lr``,
+            ``boundary``, ``coupling`` (= τ2 R), ``R``, ``K_tilde`` (K̃_ii, i the lifting
+            direction), ``K_tilde_tensor`` (with ``full_tensor``: K̃ as nested lists),
+            ``tau2``, ``lr``,
             ``weight_<term>``, ``time``, ``time_network``, ``time_coarse``, ``time_other``,
             ``refreshes``; per evaluation ``eval_step``, ``l2``, ``h1``.
 
         Raises:
             ValueError: naming an argument out of range.
+            NotImplementedError: for Gauss-Newton with ``full_tensor``.
             RuntimeError: when a loss term becomes NaN/inf (the last checkpoint is kept).
         """
         optimizer = {"gn": "gauss_newton", "lm": "gauss_newton"}.get(optimizer, optimizer)
         if optimizer not in OPTIMIZER_NAMES:
             raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES}, got {optimizer!r}")
+        if optimizer == "gauss_newton" and self.full_tensor:
+            # The coupling block's Jacobian and the stacked PDE rows handle one scalar output.
+            raise NotImplementedError(
+                "optimizer: 'gauss_newton' does not support full_tensor=True; use 'adam'"
+            )
         _check_int("steps", steps, 0)
         _check_int("decay_steps", decay_steps, 1)
         _check_int("balance_every", balance_every, 1)
@@ -773,7 +898,7 @@ class HybridSolver:
             gauss_newton.setdefault("variable_projection", self.lazy)
             gn = GaussNewton(self._objective, **gauss_newton)
 
-        history = self.history = _empty_history(names)
+        history = self.history = _empty_history(names, self.full_tensor)
         start_step = 0
         if resume:
             start_step = self._load_checkpoint(Path(resume), adam, gn, balancer)
@@ -933,12 +1058,20 @@ class HybridSolver:
             "loss": sum(values.values()),
             **values,
             "R": float(R.detach()),
-            "K_tilde": float(K.detach().reshape(-1)[0]),
+            **self._K_record(K),
             "tau2": tau2,
             "lr": lr,
         }
         record.update({f"weight_{name}": w for name, w in weights.items()})
         return record
+
+    def _K_record(self, K: torch.Tensor) -> dict[str, Any]:
+        """The history entries of K̃: ``K_tilde`` (K̃_ii) and, for a tensor, all of it."""
+        if not self.full_tensor:
+            return {"K_tilde": float(K.detach().reshape(-1)[0])}
+        i = self.problem.lifting_direction
+        tensor = K.detach().cpu()
+        return {"K_tilde": float(tensor[i, i]), "K_tilde_tensor": tensor.tolist()}
 
     def _gradient_norms(
         self, terms: dict[str, torch.Tensor], parameters: list[torch.nn.Parameter]
@@ -1082,12 +1215,12 @@ class HybridSolver:
         """The network's values at numpy points ``(N, d)`` (local, no communication)."""
         x = torch.as_tensor(np.asarray(points)[:, : self.problem.dim], dtype=self.dtype)
         with torch.no_grad():
-            return self.network(x.to(self.device)).reshape(-1).cpu().numpy()
+            return self.solution(x.to(self.device)).reshape(-1).cpu().numpy()
 
     def coarse_state(self) -> dolfinx.fem.Function:
         """The exact coarse solution y_h for the current K̃[v_θ] as a P1 Function (collective)."""
         K = self.admissible_coefficient(self.upscaled_coefficient().detach())
-        state = self.coarse.solve_state(K.cpu().numpy().reshape(()))
+        state = self.coarse.solve_state(K.cpu().numpy().reshape(self.coarse.parameter_shape))
         function = self.coarse.function(state)
         function.name = "y_h"
         return function
@@ -1126,7 +1259,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _empty_history(names: list[str]) -> dict[str, Any]:
+def _empty_history(names: list[str], full_tensor: bool = False) -> dict[str, Any]:
     keys = [
         "step",
         "loss",
@@ -1142,6 +1275,8 @@ def _empty_history(names: list[str]) -> dict[str, Any]:
         "time_other",
         "refreshes",
     ]
+    if full_tensor:
+        keys.insert(keys.index("K_tilde") + 1, "K_tilde_tensor")
     history: dict[str, Any] = {key: [] for key in keys}
     history.update(eval_step=[], l2=[], h1=[])
     return history

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dolfinx_pinn import paper_1d, paper_2d
+from dolfinx_pinn.coupling import allreduce_gradients, allreduce_sum
 from dolfinx_pinn.networks import MLP, HardBoundaryNet, TransfiniteBoundaryNet, TwoScaleNet
 from dolfinx_pinn.reference import exact_1d
 from dolfinx_pinn.solver import HybridSolver, rank_device
@@ -43,10 +44,32 @@ def _set_flat(solver: HybridSolver, vector: torch.Tensor) -> None:
             offset += p.numel()
 
 
-def _taylor_remainders(solver: HybridSolver, seed: int = 3) -> tuple[list[float], float]:
-    """Remainders |Ĵ(θ + h d) - Ĵ(θ) - h ∇Ĵ·d| for h = 2^-k and the first-order term size."""
+def _value_and_gradient(solver: HybridSolver, function) -> tuple[float, torch.Tensor]:
+    """A replicated scalar and its full gradient (rank shares summed), as a flat vector."""
+    parameters = list(solver.network.parameters())
+    for p in parameters:
+        p.grad = None
+    value = function()
+    value.backward()
+    allreduce_gradients(parameters, solver.comm)
+    flat = torch.cat(
+        [torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in parameters]
+    )
+    return float(value.detach()), flat.detach().clone()
+
+
+def _taylor_remainders(
+    solver: HybridSolver, seed: int = 3, function=None
+) -> tuple[list[float], float]:
+    """Remainders |Ĵ(θ + h d) - Ĵ(θ) - h ∇Ĵ·d| for h = 2^-k and the first-order term size.
+
+    ``function`` (a replicated, differentiable scalar of the solver) replaces Ĵ.
+    """
     theta = _flat(solver)
-    value, gradient = solver.gradient()
+    if function is None:
+        value, gradient = solver.gradient()
+    else:
+        value, gradient = _value_and_gradient(solver, function)
     generator = torch.Generator().manual_seed(seed)  # the same direction on every rank
     direction = torch.randn(theta.shape, generator=generator, dtype=torch.float64)
     direction *= theta.norm() / direction.norm() * 0.05
@@ -55,7 +78,7 @@ def _taylor_remainders(solver: HybridSolver, seed: int = 3) -> tuple[list[float]
     for k in range(3, 9):
         h = 2.0**-k
         _set_flat(solver, theta + h * direction)
-        shifted = float(solver.objective_value().detach())
+        shifted = float((solver.objective_value() if function is None else function()).detach())
         remainders.append(abs(shifted - value - h * slope))
     _set_flat(solver, theta)
     return remainders, abs(slope)
@@ -291,3 +314,126 @@ def test_gauss_newton_checkpoint_resume(mpi_tmp_path):
     resumed, theta_resumed = run(4, checkpoint_dir=folder, resume=True)
     assert torch.equal(theta_full, theta_resumed)
     assert resumed["loss"] == full["loss"] and resumed["lr"] == full["lr"]
+
+
+# -- full-tensor mode (Algorithm 4.1) ------------------------------------------------------------
+def _tensor_solver(comm=COMM, lazy=False, seed=0, tau2=10.0, network=None, **kwargs):
+    """paper_2d(0.25) with a two-output MLP (output i lifted in direction e_i), soft BC."""
+    problem = paper_2d(0.25)
+    network = MLP(2, 8, 2, seed=seed, out_features=2) if network is None else network
+    options = {"coarse_h": 0.125, "n_interior": 2000, "n_boundary": 200}
+    options.update(kwargs)
+    return HybridSolver(
+        problem, network, comm=comm, tau2=tau2, lazy=lazy, seed=seed, full_tensor=True, **options
+    )
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_full_tensor_taylor_total_gradient(lazy):
+    """O(h²) Taylor remainder of Ĵ with the whole K̃ = F T⁻¹ steering the tensor coarse state."""
+    solver = _tensor_solver(lazy=lazy, tau2=1e4)
+    try:
+        K = solver.upscaled_coefficient()
+        assert K.shape == (2, 2)
+        # K̃ lies inside the bounds: the state depends on θ, so the adjoint part is tested.
+        assert solver.admissible_coefficient(K).requires_grad
+        if lazy:
+            solver.refresh(K.detach() + 0.05 * torch.tensor([[1.0, 0.5], [0.5, -1.0]]))
+        terms, _, _ = solver.losses(solver.tau2)
+        assert float(terms["coupling"].detach()) > 1e-2 * float(terms["pde"].detach())
+        remainders, slope = _taylor_remainders(solver)
+        rates = [math.log2(remainders[k] / remainders[k + 1]) for k in range(len(remainders) - 1)]
+        assert min(rates) > 1.85, (rates, remainders)
+        assert remainders[-1] < 1e-3 * slope
+
+        # The path θ → K̃ = F T⁻¹ → y_h alone (its share of ∇Ĵ is small here): ‖y_h(K̃(θ))‖².
+        def state_norm():
+            state = solver.state(solver.upscaled_coefficient())
+            return allreduce_sum((state * state).sum(), solver.comm)
+
+        remainders, slope = _taylor_remainders(solver, function=state_norm)
+        rates = [math.log2(remainders[k] / remainders[k + 1]) for k in range(len(remainders) - 1)]
+        assert min(rates) > 1.85, (rates, remainders)
+        assert remainders[-1] < 1e-3 * slope
+    finally:
+        solver.destroy()
+
+
+class _KnownOutputs(torch.nn.Module):
+    """u_i = s_i b(x)(1 + x_i), b = x0(1 - x0) x1(1 - x1): closed-form gradients."""
+
+    dim = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor([0.7, -0.4], dtype=torch.float64))
+
+    def forward(self, x):
+        b = x[:, 0] * (1 - x[:, 0]) * x[:, 1] * (1 - x[:, 1])
+        return torch.stack([self.scale[i] * b * (1 + x[:, i]) for i in range(2)], dim=1)
+
+
+def test_full_tensor_K_equals_direct_computation():
+    """K̃ = F T⁻¹ from the network equals a numpy computation over the same points (1e-12)."""
+    network = _KnownOutputs()
+    solver = _tensor_solver(network=network)
+    try:
+        K_tilde = solver.upscaled_coefficient().detach().numpy()
+        x = solver.interior_points.numpy()
+        K = solver.problem.K_matrix(solver.interior_points).detach().numpy()
+        x0, x1 = x[:, 0], x[:, 1]
+        b = x0 * (1 - x0) * x1 * (1 - x1)
+        db = np.stack([(1 - 2 * x0) * x1 * (1 - x1), x0 * (1 - x0) * (1 - 2 * x1)], axis=1)
+        T_local, F_local = np.zeros((2, 2)), np.zeros((2, 2))
+        for i, s in enumerate((0.7, -0.4)):
+            gradient = s * db * (1 + x[:, i])[:, None]
+            gradient[:, i] += s * b
+            shifted = gradient + np.eye(2)[i]
+            T_local[:, i] = shifted.sum(axis=0)
+            F_local[:, i] = np.einsum("njk,nk->j", K, shifted)
+        weight = solver.points.measure / solver.points.global_interior_count
+        T = COMM.allreduce(T_local) * weight
+        F = COMM.allreduce(F_local) * weight
+        expected = F @ np.linalg.inv(T)
+        np.testing.assert_allclose(K_tilde, expected, rtol=1e-12, atol=1e-12)
+        # The loss path computes the same tensor from its jets.
+        _, K_loss, _ = solver.losses(1.0)
+        np.testing.assert_allclose(K_loss.detach().numpy(), expected, rtol=1e-12, atol=1e-12)
+    finally:
+        solver.destroy()
+
+
+def test_full_tensor_history_independent_of_ranks():
+    """Full-tensor Adam (lazy tensor state) on COMM_WORLD equals COMM_SELF to round-off."""
+    steps = 6
+    options = {"lr": 1e-2, "balance_every": 3, "lazy_every": 2, "lazy_tol": 1e-4}
+    histories = []
+    for comm in (COMM, MPI.COMM_SELF):
+        solver = _tensor_solver(comm=comm, lazy=True)
+        try:
+            histories.append(_history(solver, "adam", steps, **options))
+            histories[-1]["theta"] = _flat(solver)
+        finally:
+            solver.destroy()
+    world, single = histories
+    for key in ("loss", "pde", "boundary", "coupling", "K_tilde", "K_tilde_tensor", "refreshes"):
+        assert len(world[key]) == steps
+        np.testing.assert_allclose(world[key], single[key], rtol=1e-10, atol=1e-14, err_msg=key)
+    assert float((world["theta"] - single["theta"]).abs().max()) < 1e-9
+    assert world["refreshes"][-1] > 1
+
+
+def test_full_tensor_validation():
+    problem = paper_2d(0.25)
+    with pytest.raises(ValueError, match="network"):
+        HybridSolver(problem, MLP(2, 4, 1, seed=0), full_tensor=True, n_interior=10)
+    with pytest.raises(ValueError, match="network"):
+        HybridSolver(problem, MLP(2, 4, 1, seed=0, out_features=2), n_interior=10)
+    with pytest.raises(ValueError, match="method"):
+        _tensor_solver(method="jet")
+    solver = _tensor_solver()
+    try:
+        with pytest.raises(NotImplementedError, match="gauss_newton"):
+            solver.train("gauss_newton", 1, progress=False)
+    finally:
+        solver.destroy()
