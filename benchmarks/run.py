@@ -95,7 +95,8 @@ def case_throughput(args: argparse.Namespace, device: torch.device) -> dict[str,
                 network = make().to(target)
                 block = PDEBlock(problem, x)
                 seconds = {}
-                for method in ("jet", "func", "autograd"):
+                compile_seconds = None
+                for method in ("jet", "jet_compiled", "func", "autograd"):
                     block.method = method
 
                     def step(network: torch.nn.Module = network, block: PDEBlock = block) -> None:
@@ -104,6 +105,11 @@ def case_throughput(args: argparse.Namespace, device: torch.device) -> dict[str,
                         if target.type == "cuda":
                             torch.cuda.synchronize(target)
 
+                    if method == "jet_compiled":
+                        # torch.compile's warm-up (tracing and code generation) is not timed.
+                        started = time.perf_counter()
+                        step()
+                        compile_seconds = time.perf_counter() - started
                     seconds[method] = median_time(step, args.repeats) * 1e4 / count
                 fastest = min(seconds, key=seconds.get)
                 rows.append(
@@ -114,6 +120,7 @@ def case_throughput(args: argparse.Namespace, device: torch.device) -> dict[str,
                         "device": device_name(target),
                         "points": count,
                         "seconds_per_1e4_points": seconds,
+                        "compile_seconds": compile_seconds,
                         "fastest": fastest,
                         "speedup_vs_autograd": seconds["autograd"] / seconds[fastest],
                     }
@@ -121,7 +128,7 @@ def case_throughput(args: argparse.Namespace, device: torch.device) -> dict[str,
                 print(
                     f"  throughput {problem.name} {label} on {device_name(target)}: "
                     + ", ".join(f"{m} {s:.3f}" for m, s in seconds.items())
-                    + " s/1e4",
+                    + f" s/1e4 (compile {compile_seconds:.1f} s)",
                     flush=True,
                 )
     two_d = [r for r in rows if r["dim"] == 2 and r["device"] == "cpu"]

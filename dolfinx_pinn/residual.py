@@ -1,15 +1,36 @@
 """The PDE residual ``A^ε v - f^ε`` at collocation points, and stacked residual blocks.
 
-Derivatives of the network with respect to x come from one of three exact methods:
+Derivatives of the network with respect to x come from one of four exact methods:
 
 - ``"jet"``: the networks' own forward-mode Taylor propagation (value, gradient and Laplacian
   or Hessian in one pass; see :mod:`dolfinx_pinn.networks`). It gives the per-point Jacobian
   of the Gauss-Newton optimizer by one backward pass (2-2.4x faster than ``vmap(jacrev)``).
+- ``"jet_compiled"``: the same jet through ``torch.compile`` (Inductor): one fused forward and
+  one fused backward graph per network class (:func:`dolfinx_pinn.networks.compiled_jet`).
+  Same values and parameter gradients to round-off (1e-15 relative). The first call compiles
+  (0.3-3 s per network on the CPU with torch's on-disk cache warm, 10-40 s cold), a second
+  number of points once more; falls back to ``"jet"`` with a warning where compilation fails.
+  Opt-in (``"auto"`` never picks it) and fastest for training on fixed points.
 - ``"func"``: ``torch.func`` (``vmap`` of ``jacrev``/``jacfwd(jacrev)``) on any module.
 - ``"autograd"``: nested ``torch.autograd.grad`` with ``create_graph`` (the paper's way); as
-  fast as the jet or faster for residual values in 1D, so ``"auto"`` picks it for them.
+  fast as the eager jet or faster for residual values in 1D, so ``"auto"`` picks it.
 
-``benchmarks/bench_pinn.py`` measures them side by side.
+Residual + parameter gradient (``block.loss(net).backward()``) on ``paper_2d(0.1)``, seconds
+per 10^4 points, CPU, float64, 1 thread, 2000 points, medians of 7 side by side in one process
+(``benchmarks/run.py --quick --cases throughput --repeats 7``, a 2-core VM shared with other
+jobs; compilation excluded)::
+
+    network                 autograd  jet    jet_compiled  func   jet / compiled vs autograd
+    MLP 8x64 (hard BC)      0.772     0.453  0.341         1.14   1.70x / 2.26x
+    Ms-PINN 2x128 (hard BC) 1.50      0.708  0.535         1.96   2.11x / 2.80x
+    TwoScaleNet             1.65      0.908  0.530         1.68   1.81x / 3.11x
+
+Other runs on that machine gave 2.2-2.8x (MLP), 2.3-3.4x (Ms-PINN) and 3.0-3.5x (TwoScaleNet)
+for ``"jet_compiled"``. The compiled jet removes the cost of the many elementwise Taylor-rule
+kernels of the eager jet; what is left is mostly the matrix products (four streams of the
+width per layer, forward and backward). In 1D nested autograd stays competitive with the eager
+jet. ``benchmarks/bench_pinn.py`` measures the eager methods side by side, forward alone and
+with the backward pass.
 
 The residual is ``-(K : ∇²v + (∇·K)·∇v) - f`` with ``∇·K = ∇K`` for a scalar K and
 ``(∇·K)_b = Σ_a ∂_a K_ab`` for a tensor; K, ∇·K and f come from the problem's single definition and
@@ -47,7 +68,7 @@ __all__ = [
     "stack_blocks",
 ]
 
-DERIVATIVE_METHODS = ("jet", "func", "autograd")
+DERIVATIVE_METHODS = ("jet", "jet_compiled", "func", "autograd")
 Jet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -58,13 +79,18 @@ def resolve_method(model: nn.Module, method: str) -> str:
     residual (forward, and forward + backward) as fast as or faster than the jet, and torch.func
     is 2-5x slower. The jet is what makes the Gauss-Newton Jacobian cheap (one backward pass and
     outer products, :func:`outer_product_jacobian`), and the blocks use it there regardless.
+    ``"jet_compiled"`` (2.2-3.5x faster than autograd for the 2D residual + gradient, see the
+    module docstring) is never picked by ``"auto"``: its first call compiles for seconds.
     """
     if method == "auto":
         return "autograd"
     if method not in DERIVATIVE_METHODS:
         raise ValueError(f"method must be 'auto' or one of {DERIVATIVE_METHODS}, got {method!r}")
-    if method == "jet" and not hasattr(model, "jet"):
-        raise ValueError(f"method='jet' needs a network with a jet method, got {type(model)}")
+    needed = {"jet": "jet", "jet_compiled": "compiled_jet"}.get(method)
+    if needed is not None and not hasattr(model, needed):
+        raise ValueError(
+            f"method={method!r} needs a network with a {needed} method, got {type(model)}"
+        )
     return method
 
 
@@ -86,7 +112,7 @@ def derivatives(
     Args:
         model: A network mapping ``(N, d)`` to ``(N,)`` (or ``(N, 1)``).
         x: Points ``(N, d)``.
-        method: ``"auto"``, ``"jet"``, ``"func"`` or ``"autograd"``.
+        method: ``"auto"``, ``"jet"``, ``"jet_compiled"``, ``"func"`` or ``"autograd"``.
         full_hessian: Return the Hessian ``(N, d, d)`` instead of the Laplacian ``(N,)``.
 
     Returns:
@@ -95,6 +121,8 @@ def derivatives(
     method = resolve_method(model, method)
     if method == "jet":
         return model.jet(x, full_hessian=full_hessian)  # type: ignore[operator]
+    if method == "jet_compiled":
+        return model.compiled_jet(x, full_hessian=full_hessian)  # type: ignore[operator]
     if method == "func":
 
         def single(point: torch.Tensor) -> torch.Tensor:
@@ -383,8 +411,9 @@ class PDEBlock(_PointwiseBlock):
         points: Interior points ``(M, d)`` (a tensor; its dtype/device are used).
         weight: The loss weight ``w`` of each squared row (default ``|Ω|/M``, the Monte-Carlo
             weight of (3.24)); the rows are scaled by ``√w``.
-        method: Derivative method (``"auto"``, ``"jet"``, ``"func"``, ``"autograd"``); the
-            Jacobian needs one that works under ``vmap`` (``"jet"`` or ``"func"``).
+        method: Derivative method (``"auto"``, ``"jet"``, ``"jet_compiled"``, ``"func"``,
+            ``"autograd"``) of the rows and the loss; the ``vmap`` Jacobian uses ``"jet"`` for
+            ``"jet_compiled"`` and ``"func"`` for ``"autograd"``.
         chunk_size: Points per ``vmap`` chunk of the ``vmap`` Jacobian (memory bound).
         jacobian_strategy: ``"auto"`` (outer products when possible, else ``vmap``),
             ``"outer"`` or ``"vmap"``.
@@ -443,10 +472,14 @@ class PDEBlock(_PointwiseBlock):
         return _residual_from_jet(jet, K, drift, f, self.problem.is_tensor)
 
     def _vmap_jacobian(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        # Nested autograd cannot run under vmap; torch.func computes the same derivatives.
+        # Nested autograd cannot run under vmap; torch.func computes the same derivatives. The
+        # compiled jet is not traced under vmap: the eager jet is the same function.
         method = self.method
-        if resolve_method(model, method) == "autograd":
+        resolved = resolve_method(model, method)
+        if resolved == "autograd":
             self.method = "func"
+        elif resolved == "jet_compiled":
+            self.method = "jet"
         try:
             return super()._vmap_jacobian(model)
         finally:

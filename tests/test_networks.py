@@ -169,3 +169,45 @@ def test_transfinite_1d_subtracts_linear_interpolant():
     ends = inner(torch.tensor([[0.0], [1.0]], dtype=torch.float64))
     expected = inner(x) - (1 - x[:, 0]) * ends[0] - x[:, 0] * ends[1]
     assert torch.allclose(net(x), expected, atol=1e-15)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_feature_major_laplacian_jet_equals_the_stream_jet(dim):
+    """The one-matrix jet of a scalar MLP equals the per-stream jet (values and gradients)."""
+    for activation in ("tanh", "silu", "sin"):
+        net = MLP(dim, 7, 3, activation, seed=2)
+        x = torch.rand(9, dim, dtype=torch.float64)
+        fast = net.jet(x)
+        slow = tuple(t[..., 0] for t in net.jet_all(x))
+        for a, b in zip(fast, slow, strict=True):
+            assert a.shape == b.shape
+            assert torch.allclose(a, b, atol=1e-13, rtol=1e-13)
+        weights = torch.rand(3, dtype=torch.float64)
+        grads = [
+            torch.autograd.grad(
+                sum(w * t.sum() for w, t in zip(weights, jet, strict=True)), net.parameters()
+            )
+            for jet in (fast, slow)
+        ]
+        for a, b in zip(*grads, strict=True):
+            assert torch.allclose(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_hard_boundary_caches_the_distance_jet_per_point_set():
+    """The cached jet of l is reused for the same points and recomputed after a change."""
+    problem = paper_2d(0.5)
+    net = HardBoundaryNet(MLP(2, 5, 2, seed=3), problem)
+    x = torch.rand(6, 2, dtype=torch.float64)
+    first = net._distance_jet(x, False, None)
+    assert net._distance_jet(x, False, None) is first
+    assert net._distance_jet(x.clone(), False, None) is not first
+    hessian = net._distance_jet(x, True, None)
+    assert hessian[2].shape == (6, 2, 2)
+    x.mul_(0.5)  # an in-place change bumps the version counter
+    changed = net._distance_jet(x, False, None)
+    assert changed is not first
+    assert torch.allclose(changed[0], problem.distance(x))
+    value = net.jet(x)[0]
+    assert torch.allclose(value, net(x), atol=1e-14)
+    leaf = x.clone().requires_grad_(True)  # points that need gradients are never cached
+    assert net._distance_jet(leaf, False, None) is not net._distance_jet(leaf, False, None)

@@ -2,10 +2,14 @@
 
 from mpi4py import MPI  # noqa: F401  (isort: skip)
 
+import os
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
+from dolfinx_pinn import networks
 from dolfinx_pinn.networks import (
     MLP,
     HardBoundaryNet,
@@ -18,6 +22,7 @@ from dolfinx_pinn.reference import exact_1d
 from dolfinx_pinn.residual import (
     BoundaryBlock,
     PDEBlock,
+    _Bound,
     derivatives,
     parameter_names,
     pde_residual,
@@ -196,3 +201,124 @@ def test_pde_block_weights_and_validation():
         pde_residual(net, problem, x, method="fd")
     with pytest.raises(ValueError, match="jacobian_strategy"):
         PDEBlock(problem, x, jacobian_strategy="fast")
+
+
+# -- the compiled jet ----------------------------------------------------------------------------
+def _compiled_networks(problem):
+    """The three network types of the throughput benchmark, small."""
+    d = problem.dim
+    return {
+        "mlp": HardBoundaryNet(MLP(d, 6, 2, seed=1), problem),
+        "fourier": HardBoundaryNet(
+            MultiscaleFourierNet(d, (1.0, 1.0 / problem.eps), 8, 2, seed=2), problem
+        ),
+        "two-scale": TwoScaleNet(d, problem.eps, problem.period, k_max=2, width=5, seed=3),
+    }
+
+
+def _residual_and_gradient(net, block):
+    net.zero_grad()
+    rows = block.values(net)
+    (rows * rows).sum().backward()
+    return rows.detach(), torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """Compile the jets with the ``aot_eager`` backend (same graphs, no C++ compilation)."""
+    monkeypatch.setattr(networks, "JET_COMPILE_BACKEND", "aot_eager")
+
+
+@pytest.mark.parametrize("name", ["1d", "2d"])
+def test_compiled_jet_matches_autograd(name, aot_eager):
+    """Residual rows and the parameter gradient of the loss equal nested autograd's."""
+    problem = PROBLEMS[name]()
+    x = torch.tensor(0.05 + 0.9 * np.random.default_rng(3).random((9, problem.dim)))
+    for label, net in _compiled_networks(problem).items():
+        block = PDEBlock(problem, x, method="autograd")
+        rows, gradient = _residual_and_gradient(net, block)
+        for method in ("jet", "jet_compiled"):
+            block.method = method
+            for _ in range(2):  # the second call reuses the compiled graph and the cached l
+                other_rows, other_gradient = _residual_and_gradient(net, block)
+                scale = 1.0 + rows.abs().max()
+                assert (other_rows - rows).abs().max() < 1e-12 * scale, (label, method)
+                error = (other_gradient - gradient).abs().max() / gradient.abs().max()
+                assert error < 1e-12, (label, method, float(error))
+
+
+def test_compiled_jet_gradcheck_and_vmap_jacobian(aot_eager):
+    """gradcheck of the compiled rows in the parameters; the vmap Jacobian falls back to jet."""
+    problem = paper_2d(0.5)
+    net = HardBoundaryNet(MLP(2, 3, 2, seed=5), problem)
+    x = torch.rand(4, 2, dtype=torch.float64)
+    block = PDEBlock(problem, x, method="jet_compiled", jacobian_strategy="vmap")
+    names = parameter_names(net)
+    bound = _Bound(net, block.values)
+
+    def rows(*values):
+        state = {f"model.{n}": v for n, v in zip(names, values, strict=True)}
+        return torch.func.functional_call(bound, state, ())
+
+    inputs = tuple(p.detach().clone().requires_grad_(True) for p in net.parameters())
+    assert torch.autograd.gradcheck(rows, inputs)
+    r, J = block.jacobian(net)
+    r_ref, J_ref = PDEBlock(problem, x, jacobian_strategy="outer").jacobian(net)
+    assert torch.allclose(r, r_ref, atol=1e-12)
+    assert torch.allclose(J, J_ref, atol=1e-10, rtol=1e-10)
+
+
+def test_compiled_jet_recompiles_once_for_a_new_point_count(aot_eager):
+    """New points and new parameter values reuse the graph; a second count makes N dynamic."""
+    from torch._dynamo.utils import counters
+
+    net = MLP(2, 4, 2, seed=6)
+    before = counters["stats"]["unique_graphs"]
+    for count in (5, 5, 7, 9, 9):
+        x = torch.rand(count, 2, dtype=torch.float64)
+        with torch.no_grad():
+            net.output.bias.add_(0.1)
+        out = derivatives(net, x, "jet_compiled")
+        ref = derivatives(net, x, "jet")
+        for a, b in zip(out, ref, strict=True):
+            assert torch.allclose(a, b, atol=1e-13, rtol=1e-13)
+    assert counters["stats"]["unique_graphs"] - before <= 2
+    with pytest.raises(RuntimeError):  # an input error is raised, not taken for a compile failure
+        derivatives(net, torch.rand(4, 3, dtype=torch.float64), "jet_compiled")
+    assert not any(key[0] is MLP for key in networks._COMPILE_FAILURES)
+
+
+def test_compiled_jet_falls_back_with_a_warning(monkeypatch):
+    """A backend that fails leaves a RuntimeWarning and the eager jet's values."""
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(networks, "JET_COMPILE_BACKEND", broken)
+    net = MLP(1, 4, 1, seed=7)
+    x = torch.rand(3, 1, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="eager jet"):
+        out = derivatives(net, x, "jet_compiled")
+    for a, b in zip(out, derivatives(net, x, "jet"), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="compiled_jet"):
+        derivatives(torch.nn.Linear(1, 1), x, "jet_compiled")
+
+
+@pytest.mark.skipif(
+    os.environ.get("DOLFINX_PINN_INDUCTOR_TESTS") != "1",
+    reason="Inductor compiles C++ (5-25 s); set DOLFINX_PINN_INDUCTOR_TESTS=1",
+)
+def test_inductor_jet_matches_autograd():
+    """The Inductor kernels (float64, CPU) give the residual and gradient to round-off."""
+    problem = paper_2d(0.5)
+    net = HardBoundaryNet(MLP(2, 6, 2, seed=1), problem)
+    x = torch.rand(11, 2, dtype=torch.float64)
+    block = PDEBlock(problem, x, method="autograd")
+    rows, gradient = _residual_and_gradient(net, block)
+    block.method = "jet_compiled"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager fails the test
+        other_rows, other_gradient = _residual_and_gradient(net, block)
+    assert (other_rows - rows).abs().max() < 1e-12 * (1.0 + rows.abs().max())
+    assert (other_gradient - gradient).abs().max() < 1e-12 * gradient.abs().max()
