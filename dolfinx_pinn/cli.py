@@ -67,7 +67,9 @@ _OPTIONAL_INT = (int, type(None))
 _PROBLEMS = _choice("paper_1d", "paper_2d", "laminate_2d")
 _NETWORKS = _choice("two_scale", "ms_pinn", "mlp")
 _BOUNDARY = _choice("transfinite", "hard", "soft")
-_OPTIMIZERS = _choice("adam", "gauss_newton")
+_OPTIMIZERS = _choice("adam", "gauss_newton", "projection")
+_WAVEVECTOR_NORMS = _choice("max", "l1")
+_SAMPLINGS = _choice("stratified", "sobol")
 _SCHEDULES = _choice("constant", "continuation")
 _REFERENCES = _choice("auto", "exact", "fine", "none")
 _ESTIMATORS = _choice("mean", "linear")
@@ -96,6 +98,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
             ">= 1",
         ),
         "k_max": Key((int,), 14, "largest harmonic of TwoScaleNet", lambda v: v >= 0, ">= 0"),
+        "wavevector_norm": Key(
+            (str,), "max", "TwoScaleNet: norm of k_max ('l1': axis harmonics)", *_WAVEVECTOR_NORMS
+        ),
         "boundary": Key((str,), "transfinite", "how the boundary condition is met", *_BOUNDARY),
         "seed": Key(
             (int,), 0, "initialisation seed (the same on every rank)", lambda v: v >= 0, ">= 0"
@@ -139,6 +144,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
             lambda v: v is None or v >= 1,
             ">= 1",
         ),
+        "sampling": Key(
+            (str,), "stratified", "interior points: random per coarse cell, or Sobol'", *_SAMPLINGS
+        ),
     },
     "loss": {
         "tau1": Key(_FLOAT, 1.0, "boundary penalty τ1", _positive, "> 0"),
@@ -167,7 +175,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
             (int,), 100, "Adam: steps per balancing update", lambda v: v >= 1, ">= 1"
         ),
         "damping": Key(_FLOAT, 1e-3, "Gauss-Newton: initial damping", _positive, "> 0"),
-        "form": Key((str,), "auto", "Gauss-Newton: linear algebra form", *_FORMS),
+        "form": Key(
+            (str,),
+            "auto",
+            "Gauss-Newton/projection: linear algebra form (auto: QR, rows gathered under MPI; "
+            "normal: normal equations summed over ranks)",
+            *_FORMS,
+        ),
         "variable_projection": Key((bool,), True, "Gauss-Newton: re-solve the output layer"),
         "time_limit": Key(
             _OPTIONAL_FLOAT,
@@ -194,7 +208,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
             *_REFERENCES,
         ),
         "fine_elements_per_period": Key(
-            (int,), 24, "cells per ε of the fine reference (P1)", lambda v: v >= 2, ">= 2"
+            (int,), 24, "cells per ε of the fine reference", lambda v: v >= 2, ">= 2"
+        ),
+        "fine_degree": Key(
+            (int,), 1, "Lagrange degree of the fine reference", lambda v: 1 <= v <= 4, "in [1, 4]"
         ),
         "eval_every": Key((int,), 100, "steps between error evaluations", lambda v: v >= 1, ">= 1"),
         "checkpoint_every": Key(
@@ -254,6 +271,10 @@ def validate(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if key.check is not None and not key.check(value):
                 raise ConfigError(f"{section}.{name} must be {key.allowed}, got {value!r}")
             merged[section][name] = value
+    if merged["optimizer"]["name"] == "projection" and merged["optimizer"]["form"] == "gram":
+        raise ConfigError("optimizer.form must be 'auto', 'normal' or 'qr' for 'projection'")
+    if merged["optimizer"]["name"] == "projection" and not merged["coarse"]["lazy"]:
+        raise ConfigError("coarse.lazy must be true for optimizer.name = 'projection'")
     return merged
 
 
@@ -379,7 +400,13 @@ def _make_network(config: dict[str, Any], problem: Any) -> Any:
     sizes = {key: options[key] for key in ("width", "depth") if options[key] is not None}
     seed = options["seed"]
     if options["kind"] == "two_scale":
-        network = TwoScaleNet.for_problem(problem, k_max=options["k_max"], seed=seed, **sizes)
+        network = TwoScaleNet.for_problem(
+            problem,
+            k_max=options["k_max"],
+            wavevector_norm=options["wavevector_norm"],
+            seed=seed,
+            **sizes,
+        )
     elif options["kind"] == "ms_pinn":
         network = MultiscaleFourierNet.for_problem(problem, seed=seed, **sizes)
     else:
@@ -405,7 +432,10 @@ def _make_reference(config: dict[str, Any], problem: Any, comm: MPI.Comm) -> Any
             raise ConfigError("run.reference = 'exact' needs a 1D problem; use 'fine'")
         return exact_1d(problem)
     return solve_fine(
-        problem, comm=comm, elements_per_period=config["run"]["fine_elements_per_period"]
+        problem,
+        comm=comm,
+        degree=config["run"]["fine_degree"],
+        elements_per_period=config["run"]["fine_elements_per_period"],
     )
 
 
@@ -443,6 +473,7 @@ def run(config: dict[str, Any], comm: MPI.Comm | None = None) -> dict[str, Any]:
         lazy=coarse["lazy"],
         device=settings["device"],
         seed=settings["seed"],
+        sampling=points["sampling"],
         reference=reference,
     )
     try:
@@ -468,6 +499,8 @@ def run(config: dict[str, Any], comm: MPI.Comm | None = None) -> dict[str, Any]:
                 balancing=optimizer["balancing"],
                 balance_every=optimizer["balance_every"],
             )
+        elif optimizer["name"] == "projection":
+            options.update(form=optimizer["form"])
         else:
             variable_projection = optimizer["variable_projection"] and coarse["lazy"]
             options.update(

@@ -235,10 +235,15 @@ class ResidualBlock:
         name: The name of the loss term.
         affine_in_output: Whether the rows are affine in the network's output layer (needed by
             variable projection).
+        fixed_output_jacobian: Whether the Jacobian columns of the output layer depend on the
+            other parameters of the network only (true for rows that are a fixed linear map of
+            the network, such as the PDE and boundary rows; false for the coupling rows, whose
+            coarse state changes between steps). The output-layer projection caches them.
     """
 
     name: str = "block"
     affine_in_output: bool = True
+    fixed_output_jacobian: bool = False
 
     def values(self, model: nn.Module) -> torch.Tensor:
         """Weighted rows ``(R,)``, differentiable with respect to the parameters."""
@@ -268,6 +273,8 @@ class ResidualBlock:
 
 class _PointwiseBlock(ResidualBlock):
     """A block with one row per point: ``r_i = weight · g(v, x_i, data_i)``."""
+
+    fixed_output_jacobian = True
 
     points: torch.Tensor
     weight: float

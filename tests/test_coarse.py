@@ -222,3 +222,40 @@ def test_collocation_points_are_uniform() -> None:
     squares = squares / points.global_interior_count
     assert np.allclose(total, 0.5, atol=5e-3)
     assert np.allclose(squares, 1.0 / 3.0, atol=5e-3)
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_sobol_points_independent_of_ranks(dim: int) -> None:
+    """Sobol' points: the same set (and the requested count) on any number of ranks."""
+    problem = _problem(dim)
+    n = 16 if dim == 1 else 6
+    kwargs = {"count": 1000, "seed": 4, "sampling": "sobol"}
+    parallel = CollocationPoints(problem.create_mesh(COMM, n), **kwargs)
+    serial = CollocationPoints(problem.create_mesh(MPI.COMM_SELF, n), **kwargs)
+    gathered = np.concatenate(COMM.allgather(parallel.interior))
+    gathered = gathered[np.lexsort(gathered.T)]
+    assert parallel.global_interior_count == serial.global_interior_count == 1000
+    assert np.allclose(gathered, serial.interior[np.lexsort(serial.interior.T)], atol=1e-14)
+    assert problem.domain.contains(parallel.interior).all()
+    # Each point lies in the owned cell it is filed under.
+    mesh = parallel.mesh
+    vertices = parallel._cell_vertices[parallel.interior_cells]
+    for point, cell in zip(parallel.interior[:50], vertices[:50], strict=True):
+        lam = np.linalg.lstsq(
+            np.vstack([cell.T, np.ones(len(cell))]), np.append(point, 1.0), rcond=None
+        )[0]
+        assert lam.min() >= -1e-12
+    assert mesh.topology.index_map(mesh.topology.dim).size_local > parallel.interior_cells.max()
+
+
+def test_sobol_points_have_low_discrepancy() -> None:
+    """The sample means of x and x² are far closer to 1/2 and 1/3 than Monte Carlo's 1/√M."""
+    problem = paper_2d(0.1)
+    points = CollocationPoints(problem.create_mesh(COMM, 8), count=4096, seed=3, sampling="sobol")
+    count = points.global_interior_count
+    total = COMM.allreduce(points.interior.sum(axis=0), MPI.SUM) / count
+    squares = COMM.allreduce((points.interior**2).sum(axis=0), MPI.SUM) / count
+    assert np.allclose(total, 0.5, atol=2e-4)  # Monte Carlo: ~ 0.29 / 64 = 4.5e-3
+    assert np.allclose(squares, 1.0 / 3.0, atol=2e-4)
+    with pytest.raises(ValueError, match="sampling"):
+        CollocationPoints(problem.create_mesh(COMM, 2), count=10, sampling="halton")

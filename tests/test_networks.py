@@ -211,3 +211,20 @@ def test_hard_boundary_caches_the_distance_jet_per_point_set():
     assert torch.allclose(value, net(x), atol=1e-14)
     leaf = x.clone().requires_grad_(True)  # points that need gradients are never cached
     assert net._distance_jet(leaf, False, None) is not net._distance_jet(leaf, False, None)
+
+
+def test_l1_wavevectors_keep_the_axis_harmonics():
+    """|k|_1 <= K: the cross-polytope (2K² + 2K)/2 vectors, every axis harmonic up to K."""
+    for k_max in range(0, 8):
+        vectors = fast_wavevectors(2, k_max, norm="l1")
+        assert vectors.shape == (k_max * k_max + k_max, 2)
+        assert (vectors.abs().sum(dim=1) <= k_max).all()
+        rows = {tuple(v) for v in vectors.int().tolist()}
+        assert all((k, 0) in rows and (0, k) in rows for k in range(1, k_max + 1))
+    assert torch.equal(fast_wavevectors(1, 5, norm="l1"), fast_wavevectors(1, 5))
+    with pytest.raises(ValueError, match="norm"):
+        fast_wavevectors(2, 3, norm="l2")
+    net = TwoScaleNet.for_problem(paper_2d(0.1), k_max=6, width=4, wavevector_norm="l1", seed=0)
+    assert net.num_harmonics == 42
+    with pytest.raises(ValueError, match="norm"):
+        TwoScaleNet.for_problem(paper_2d(0.1), k_max=2, wavevector_norm="cube")

@@ -14,6 +14,7 @@ from dolfinx_pinn.optim import (
     GaussNewton,
     LeastSquaresObjective,
     LossBalancer,
+    OutputLayerProjection,
     make_optimizer,
 )
 from dolfinx_pinn.pinn import ReferenceErrors
@@ -153,3 +154,77 @@ def test_gauss_newton_two_scale_reaches_1e6():
     assert l2 <= 1e-6, history
     assert h1 <= 1e-4, history
     assert math.isfinite(objective.loss_value())
+
+
+def _two_scale_objective(points: int = 1500, seed: int = 0, **network: int) -> tuple:
+    problem = paper_1d(1 / 15)
+    x = torch.tensor(problem.domain.sample_interior(points, np.random.default_rng(seed)))
+    net = TransfiniteBoundaryNet(TwoScaleNet.for_problem(problem, seed=seed, **network), problem)
+    return problem, net, LeastSquaresObjective(net, [PDEBlock(problem, x, weight=1 / points)])
+
+
+@pytest.mark.parametrize(
+    ("form", "network", "l2_bound"),
+    [
+        # The normal equations square the condition number: a small, well-conditioned basis.
+        ("normal", {"k_max": 4, "width": 8}, 0.2),
+        # QR keeps the digits of the default two-scale basis (coefficients of ~1e6).
+        ("qr", {}, 1e-5),
+    ],
+)
+def test_projection_is_the_least_squares_minimiser(form, network, l2_bound):
+    """One projection step reaches the minimum of a direct (SVD) least squares."""
+    problem, net, objective = _two_scale_objective(**network)
+    errors = ReferenceErrors(problem, exact_1d(problem))
+    initial_l2, _ = errors(net)
+    r, J = objective.residual_and_jacobian()
+    phi = J[:, objective.output_columns()].numpy()
+    # Affine rows: r(c) = r0 + Φ (c - c0); the minimum of ‖r‖² by numpy's SVD least squares.
+    change, *_ = np.linalg.lstsq(phi, -r.numpy(), rcond=1e-13)
+    best = float(np.sum((r.numpy() + phi @ change) ** 2))
+    info = OutputLayerProjection(objective, form=form).step()
+    assert info["form"] == form
+    assert info["previous_loss"] == pytest.approx(float(r @ r), rel=1e-12)
+    assert info["loss"] == pytest.approx(objective.loss_value(), rel=1e-12)
+    assert info["loss"] == pytest.approx(best, rel=0.05)
+    assert info["loss"] <= best * (1 + 1e-6)
+    l2, _ = errors(net)
+    assert initial_l2 > 0.5
+    assert l2 <= l2_bound
+
+
+def test_projection_caches_the_fixed_jacobian():
+    """The PDE rows' Jacobian is computed once while the hidden layers stay; recomputed after."""
+    _, net, objective = _two_scale_objective(points=600)
+    projection = make_optimizer("projection", objective)
+    assert isinstance(projection, OutputLayerProjection)
+    first = projection.step()
+    cache = projection._cache
+    second = projection.step()
+    assert projection._cache is cache
+    assert second["loss"] == pytest.approx(first["loss"], rel=1e-8, abs=1e-24)
+    with torch.no_grad():
+        net.network.slow.hidden[0].bias.add_(0.1)  # new hidden features
+    third = projection.step()
+    assert projection._cache is not cache
+    assert third["loss"] == pytest.approx(objective.loss_value(), rel=1e-12)
+
+
+def test_projection_rejects_bad_input():
+    _, net, objective = _two_scale_objective(points=50)
+    with pytest.raises(ValueError, match="form"):
+        OutputLayerProjection(objective, form="gram")
+    with pytest.raises(ValueError, match="ridge"):
+        OutputLayerProjection(objective, ridge=-1.0)
+    with pytest.raises(ValueError, match="rcond"):
+        OutputLayerProjection(objective, rcond=float("nan"))
+    distributed = LeastSquaresObjective(net, objective.blocks, allreduce=lambda t: t)
+    with pytest.raises(ValueError, match="qr"):
+        OutputLayerProjection(distributed, form="qr")
+
+    class NotAffine(ResidualBlock):
+        name = "not_affine"
+        affine_in_output = False
+
+    with pytest.raises(ValueError, match="affine"):
+        OutputLayerProjection(LeastSquaresObjective(net, [NotAffine()]))
