@@ -122,6 +122,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "> 0",
         ),
         "compress_state": Key((bool,), False, "coupling (2.16) instead of (2.10)"),
+        "full_tensor": Key(
+            (bool,),
+            False,
+            "Algorithm 4.1: a d-output MLP gives the whole K̃ (mlp, soft boundary, adam)",
+        ),
         "estimator": Key((str,), "mean", "compression estimator", *_ESTIMATORS),
         "lazy": Key((bool,), True, "lazy coarse update (linearised state between refreshes)"),
         "lazy_every": Key(
@@ -273,6 +278,14 @@ def validate(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
             merged[section][name] = value
     if merged["optimizer"]["name"] == "projection" and merged["optimizer"]["form"] == "gram":
         raise ConfigError("optimizer.form must be 'auto', 'normal' or 'qr' for 'projection'")
+    if merged["coarse"]["full_tensor"]:
+        network, optimizer = merged["network"], merged["optimizer"]["name"]
+        if network["kind"] != "mlp" or network["boundary"] != "soft" or optimizer != "adam":
+            raise ConfigError(
+                "coarse.full_tensor = true needs network.kind = 'mlp', network.boundary = "
+                f"'soft' and optimizer.name = 'adam', got {network['kind']!r}, "
+                f"{network['boundary']!r}, {optimizer!r}"
+            )
     if merged["optimizer"]["name"] == "projection" and not merged["coarse"]["lazy"]:
         raise ConfigError("coarse.lazy must be true for optimizer.name = 'projection'")
     return merged
@@ -411,7 +424,8 @@ def _make_network(config: dict[str, Any], problem: Any) -> Any:
         network = MultiscaleFourierNet.for_problem(problem, seed=seed, **sizes)
     else:
         sizes = {"width": 64, "depth": 8, **sizes}
-        network = MLP(problem.dim, sizes["width"], sizes["depth"], seed=seed)
+        outputs = problem.dim if config["coarse"]["full_tensor"] else 1
+        network = MLP(problem.dim, sizes["width"], sizes["depth"], seed=seed, out_features=outputs)
     if options["boundary"] == "transfinite":
         return TransfiniteBoundaryNet(network, problem)
     if options["boundary"] == "hard":
@@ -471,6 +485,7 @@ def run(config: dict[str, Any], comm: MPI.Comm | None = None) -> dict[str, Any]:
         compress_state=coarse["compress_state"],
         estimator=coarse["estimator"],
         lazy=coarse["lazy"],
+        full_tensor=coarse["full_tensor"],
         device=settings["device"],
         seed=settings["seed"],
         sampling=points["sampling"],

@@ -276,7 +276,7 @@ def solver_metrics(solver: Any) -> dict[str, Any]:
     rel_l2 = rel_h1 = None
     if solver.errors is not None:
         rel_l2, rel_h1 = solver.relative_errors()
-    return {
+    metrics = {
         "rel_l2": rel_l2,
         "rel_h1": rel_h1,
         "K_tilde": float(history["K_tilde"][-1]) if iterations else None,
@@ -287,6 +287,9 @@ def solver_metrics(solver: Any) -> dict[str, Any]:
         "n_ranks": solver.comm.size,
         "device": str(solver.device),
     }
+    if getattr(solver, "full_tensor", False) and iterations:
+        metrics["K_tilde_tensor"] = history["K_tilde_tensor"][-1]  # Algorithm 4.1, d × d
+    return metrics
 
 
 def write_metrics(metrics: dict[str, Any], path: Path, comm: MPI.Comm) -> None:

@@ -5,6 +5,7 @@ from mpi4py import MPI  # isort: skip
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,3 +160,36 @@ def test_tiny_projection_run(mpi_tmp_path):
     assert metrics["iterations"] == 2 and metrics["n_ranks"] == COMM.size
     assert metrics["rel_l2"] < 0.05  # the tiny basis of TINY (k_max 4, width 8): 0.023
     assert metrics["config"]["optimizer"]["name"] == "projection"
+
+
+def test_tiny_full_tensor_run(mpi_tmp_path):
+    """coarse.full_tensor: a two-output MLP and the whole K̃ (Algorithm 4.1) in metrics.json."""
+    path = mpi_tmp_path / "tiny.toml"
+    if COMM.rank == 0:
+        path.write_text(TINY)
+    COMM.barrier()
+    output = mpi_tmp_path / "run"
+    overrides = [
+        f"run.output='{output}'",
+        "run.figures=false",
+        "run.reference='none'",
+        "problem.name='paper_2d'",
+        "problem.eps=0.25",
+        "network.kind='mlp'",
+        "network.boundary='soft'",
+        "network.depth=2",
+        "coarse.h=0.125",
+        "coarse.full_tensor=true",
+        "points.n_interior=1000",
+        "points.n_boundary=100",
+        "optimizer.name='adam'",
+        "loss.tau2_schedule='constant'",
+    ]
+    assert main(["run", str(path), *[item for o in overrides for item in ("--set", o)]]) == 0
+    COMM.barrier()
+    metrics = json.loads((output / "metrics.json").read_text())
+    tensor = np.array(metrics["K_tilde_tensor"])
+    assert tensor.shape == (2, 2) and np.isfinite(tensor).all()
+    assert metrics["K_tilde"] == pytest.approx(tensor[0, 0])
+    with pytest.raises(ConfigError, match=r"coarse\.full_tensor"):
+        load_config(path, ["coarse.full_tensor=true"])  # TINY: two_scale + Gauss-Newton
