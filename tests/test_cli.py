@@ -139,24 +139,28 @@ def test_projection_keys_are_checked(tmp_path, overrides, message):
         load_config(path, overrides)
 
 
-def test_tiny_projection_run(mpi_tmp_path):
-    """The output-layer projection with Sobol' points and l1 harmonics from the command line."""
-    path = mpi_tmp_path / "tiny.toml"
+def _run_tiny(folder, overrides: list[str]) -> dict:
+    """``dolfinx-pinn run`` on TINY with ``--set`` overrides (no figures); its metrics."""
+    path = folder / "tiny.toml"
     if COMM.rank == 0:
         path.write_text(TINY)
     COMM.barrier()
-    output = mpi_tmp_path / "run"
+    output = folder / "run"
+    overrides = [f"run.output='{output}'", "run.figures=false", *overrides]
+    assert main(["run", str(path), *[item for o in overrides for item in ("--set", o)]]) == 0
+    COMM.barrier()
+    return json.loads((output / "metrics.json").read_text())
+
+
+def test_tiny_projection_run(mpi_tmp_path):
+    """The output-layer projection with Sobol' points and l1 harmonics from the command line."""
     overrides = [
-        f"run.output='{output}'",
-        "run.figures=false",
         "optimizer.name='projection'",
         "network.wavevector_norm='l1'",
         "points.sampling='sobol'",
         "loss.tau2_decay=1e-9",
     ]
-    assert main(["run", str(path), *[item for o in overrides for item in ("--set", o)]]) == 0
-    COMM.barrier()
-    metrics = json.loads((output / "metrics.json").read_text())
+    metrics = _run_tiny(mpi_tmp_path, overrides)
     assert metrics["iterations"] == 2 and metrics["n_ranks"] == COMM.size
     assert metrics["rel_l2"] < 0.05  # the tiny basis of TINY (k_max 4, width 8): 0.023
     assert metrics["config"]["optimizer"]["name"] == "projection"
@@ -164,14 +168,7 @@ def test_tiny_projection_run(mpi_tmp_path):
 
 def test_tiny_full_tensor_run(mpi_tmp_path):
     """coarse.full_tensor: a two-output MLP and the whole K̃ (Algorithm 4.1) in metrics.json."""
-    path = mpi_tmp_path / "tiny.toml"
-    if COMM.rank == 0:
-        path.write_text(TINY)
-    COMM.barrier()
-    output = mpi_tmp_path / "run"
     overrides = [
-        f"run.output='{output}'",
-        "run.figures=false",
         "run.reference='none'",
         "problem.name='paper_2d'",
         "problem.eps=0.25",
@@ -185,11 +182,9 @@ def test_tiny_full_tensor_run(mpi_tmp_path):
         "optimizer.name='adam'",
         "loss.tau2_schedule='constant'",
     ]
-    assert main(["run", str(path), *[item for o in overrides for item in ("--set", o)]]) == 0
-    COMM.barrier()
-    metrics = json.loads((output / "metrics.json").read_text())
+    metrics = _run_tiny(mpi_tmp_path, overrides)
     tensor = np.array(metrics["K_tilde_tensor"])
     assert tensor.shape == (2, 2) and np.isfinite(tensor).all()
     assert metrics["K_tilde"] == pytest.approx(tensor[0, 0])
     with pytest.raises(ConfigError, match=r"coarse\.full_tensor"):
-        load_config(path, ["coarse.full_tensor=true"])  # TINY: two_scale + Gauss-Newton
+        load_config(mpi_tmp_path / "tiny.toml", ["coarse.full_tensor=true"])  # two_scale + GN

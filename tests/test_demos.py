@@ -63,6 +63,22 @@ def test_demo_upscaling_consistency_1d(tmp_path):
     assert list(out.glob("*.png"))
 
 
+@pytest.mark.skip_in_parallel
+def test_demo_heat_2d(tmp_path):
+    """The 2D demo: four Adam runs and our two-scale projection, a run folder and the table."""
+    out = tmp_path / "out_heat_2d"
+    metrics = _run_demo("demo_heat_2d.py", out)
+    names = {"mlp_plain", "mlp_hybrid", "ms_pinn_plain", "ms_pinn_hybrid", "two_scale_projection"}
+    assert set(metrics["results"]) == names
+    # Smoke sizes: even so the two-scale projection beats every Adam run of the same budget.
+    best_adam = min(
+        metrics["results"][name]["rel_l2_median"] for name in names - {"two_scale_projection"}
+    )
+    assert metrics["results"]["two_scale_projection"]["rel_l2_median"] < best_adam
+    assert (out / "table1.png").stat().st_size > 1000
+    assert (out / "hybrid_run" / "metrics.json").exists()
+
+
 def test_demo_folder_is_complete():
     """Every demo is a jupytext light script with a markdown title (DOLFINx's demo style)."""
     if MPI.COMM_WORLD.rank == 0:

@@ -455,7 +455,7 @@ def test_projection_1d_continuation_reaches_1e5():
     assert history["K_tilde"][-1] == pytest.approx(math.sqrt(3), abs=2e-3)
 
 
-def _projection_2d(comm, sampling="sobol"):
+def _projection_2d(comm):
     problem = paper_2d(0.1)
     network = TransfiniteBoundaryNet(
         TwoScaleNet.for_problem(problem, k_max=5, width=32, wavevector_norm="l1", seed=0), problem
@@ -467,7 +467,7 @@ def _projection_2d(comm, sampling="sobol"):
         comm=comm,
         n_interior=6000,
         tau2=1.0,
-        sampling=sampling,
+        sampling="sobol",
         seed=1,
         reference=reference,
     )
@@ -481,15 +481,15 @@ def _projection_2d(comm, sampling="sobol"):
             progress=False,
         )
         state = solver.coarse_state().x.array[: solver.coarse.num_owned_dofs].copy()
-        return history, _flat(solver), float(np.sqrt(solver.comm.allreduce(state @ state, MPI.SUM)))
+        return history, float(np.sqrt(solver.comm.allreduce(state @ state, MPI.SUM)))
     finally:
         solver.destroy()
 
 
 def test_projection_2d_independent_of_ranks_and_accurate():
     """2D projection (normal equations summed over ranks) on COMM_WORLD equals COMM_SELF."""
-    world, _, state_world = _projection_2d(COMM)
-    single, _, _ = _projection_2d(MPI.COMM_SELF)
+    world, state_world = _projection_2d(COMM)
+    single, state_single = _projection_2d(MPI.COMM_SELF)
     for key in ("loss", "pde"):
         np.testing.assert_allclose(world[key], single[key], rtol=1e-8, atol=1e-14, err_msg=key)
     # The normal equations square the condition number: summed in another order, the output
@@ -504,7 +504,7 @@ def test_projection_2d_independent_of_ranks_and_accurate():
     # benchmark (benchmarks/bench_hybrid.py).
     assert world["l2"][-1] < 0.15, world["l2"]
     assert world["K_tilde"][-1] == pytest.approx(2.8415, abs=2e-3)
-    assert state_world > 0
+    assert state_world == pytest.approx(state_single, rel=1e-6) and state_world > 0
 
 
 def test_projection_validation():
