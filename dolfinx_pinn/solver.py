@@ -1254,7 +1254,12 @@ class HybridSolver:
             return self.solution(x.to(self.device)).reshape(-1).cpu().numpy()
 
     def coarse_state(self) -> dolfinx.fem.Function:
-        """The exact coarse solution y_h for the current K̃[v_θ] as a P1 Function (collective)."""
+        """The exact coarse solution y_h for the current K̃[v_θ] as a P1 Function (collective).
+
+        Keep the Function in a variable while using its PETSc vector: in
+        ``solver.coarse_state().x.petsc_vec`` the Function is a temporary, and the vector would
+        outlive the memory it wraps (a segmentation fault).
+        """
         K = self.admissible_coefficient(self.upscaled_coefficient().detach())
         state = self.coarse.solve_state(K.cpu().numpy().reshape(self.coarse.parameter_shape))
         function = self.coarse.function(state)
