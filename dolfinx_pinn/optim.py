@@ -641,8 +641,6 @@ class OutputLayerProjection:
         if not bool(torch.isfinite(r).all() and torch.isfinite(phi).all()):
             raise FloatingPointError("projection: the residual or its Jacobian is not finite")
         before = float(objective.allreduce(r @ r))
-        if self.form == "normal" and gram is None:
-            gram = objective.allreduce(phi.T @ phi)
         change = output_layer_change(
             objective, r, phi, self.form, self.rcond, self.ridge, gram=gram
         )
