@@ -4,7 +4,11 @@ The fine scale is a PyTorch network, the coarse scale a DOLFINx finite-element p
 MPI-parallel PETSc solves (Hintermüller & Korolev); the two-scale theory of Hoang & Schwab sits
 beside it.
 
-Modules, one per concept: :mod:`~dolfinx_pinn.problems` (test problems, one definition each),
+Start with :func:`dolfinx_pinn.solve` (:mod:`~dolfinx_pinn.auto`): one call that picks the
+whole configuration from the problem and returns a :class:`~dolfinx_pinn.auto.Solution`.
+
+Modules, one per concept: :mod:`~dolfinx_pinn.problems` (test problems, one definition each,
+checked by :mod:`~dolfinx_pinn.problem_checks`),
 :mod:`~dolfinx_pinn.reference` (fine-scale FE references, the exact 1D solution, errors,
 upscaling), :mod:`~dolfinx_pinn.coarse` (the coarse state/adjoint as a torch layer),
 :mod:`~dolfinx_pinn.coupling` (collocation values to FE dofs), :mod:`~dolfinx_pinn.networks`,
@@ -16,6 +20,7 @@ fine-scale PINN core), :mod:`~dolfinx_pinn.homogenization` and :mod:`~dolfinx_pi
 # mpi4py must be imported before dolfinx/petsc4py: the wheel's libmpi is found through it.
 from mpi4py import MPI  # noqa: F401  (isort: skip)
 
+from dolfinx_pinn.auto import Solution, SolveConfiguration, configure, solve
 from dolfinx_pinn.coarse import CoarseProblem, CoarseSolve, CollocationPoints, coarse_solve
 from dolfinx_pinn.coupling import CompressionOperator, CouplingTerm
 from dolfinx_pinn.homogenization import (
@@ -63,6 +68,8 @@ __all__ = [
     "MultiscaleFourierNet",
     "MultiscaleProblem",
     "PINNSolver",
+    "Solution",
+    "SolveConfiguration",
     "TransfiniteBoundaryNet",
     "TwoScaleApproximation",
     "TwoScaleNet",
@@ -70,6 +77,7 @@ __all__ = [
     "box_partition",
     "cell_problem_from",
     "coarse_solve",
+    "configure",
     "exact_1d",
     "laminate_2d",
     "math_namespace",
@@ -77,6 +85,7 @@ __all__ = [
     "paper_2d",
     "quasi_periodic_1d",
     "relative_errors",
+    "solve",
     "solve_cell_problem",
     "solve_fine",
     "solve_fine_directions",

@@ -1,17 +1,23 @@
-"""The ``dolfinx-pinn`` console script: ``dolfinx-pinn run CONFIG.toml [--set key=value ...]``.
+"""The ``dolfinx-pinn`` console script: ``dolfinx-pinn run CONFIG [--set key=value ...]``.
 
-A run configuration is a TOML file with the sections and keys of :data:`SCHEMA` (every key is
-optional; ``dolfinx-pinn --help`` lists them with their defaults). ``--set section.key=value``
-overrides one key (the value is parsed as TOML, e.g. ``--set optimizer.lr=1e-3``,
-``--set problem.name='"paper_2d"'`` or simply ``--set problem.name=paper_2d``). The whole
-configuration is validated, and an unknown key, a wrong type or a value out of range reported by
-name, before any mesh, network or reference is built.
+A run configuration is a TOML file (or the name of a configuration shipped with the package,
+``dolfinx-pinn configs`` lists them) with the sections and keys of :data:`SCHEMA`, which is
+generated from the dataclasses of :mod:`dolfinx_pinn.options` (so every default lives there).
+Every key is optional; ``dolfinx-pinn --help`` lists them with their defaults.
+``--set section.key=value`` overrides one key (the value is parsed as TOML, e.g.
+``--set optimizer.lr=1e-3`` or ``--set problem.name=paper_2d``). The whole configuration, the
+device, the kind of reference and the output folder are checked before any mesh, network or
+reference is built.
+
+Exit codes: 0 success; 1 the run failed (it diverged, a loss became NaN, ...); 2 bad input
+(every error is one line ``dolfinx-pinn: error: ...``); 130 / 143 interrupted by SIGINT /
+SIGTERM (after a checkpoint, with ``run.checkpoint_every``).
 
 Example:
     .. code-block:: sh
 
-        dolfinx-pinn run demos/configs/paper_1d_two_scale.toml --set run.output=out_1d
-        mpirun -n 2 dolfinx-pinn run demos/configs/heat_2d.toml
+        dolfinx-pinn run paper_1d_two_scale --set run.output=out_1d
+        mpirun -n 2 dolfinx-pinn run heat_2d
 
 MPI: run the script under ``mpirun``; everything is collective on ``MPI.COMM_WORLD``.
 """
@@ -20,18 +26,31 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
+import signal
 import sys
 import time
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from mpi4py import MPI
 
-__all__ = ["SCHEMA", "ConfigError", "build_parser", "load_config", "main", "run", "validate"]
+from dolfinx_pinn.exceptions import TrainingInterrupted
+from dolfinx_pinn.options import SECTIONS, OptionError, type_name
+
+__all__ = [
+    "SCHEMA",
+    "ConfigError",
+    "build_parser",
+    "config_names",
+    "load_config",
+    "main",
+    "run",
+    "validate",
+]
 
 
 class ConfigError(ValueError):
@@ -49,198 +68,32 @@ class Key:
     allowed: str = ""
 
 
-def _positive(value: Any) -> bool:
-    return math.isfinite(value) and value > 0
+def _schema() -> dict[str, dict[str, Key]]:
+    schema = {}
+    for section, cls in SECTIONS.items():
+        types = cls.field_types()
+        schema[section] = {
+            name: Key(
+                types[name],
+                item.default,
+                item.metadata["doc"],
+                item.metadata["check"],
+                item.metadata["allowed"],
+            )
+            for name, item in cls.keys().items()
+        }
+    return schema
 
 
-def _non_negative(value: Any) -> bool:
-    return math.isfinite(value) and value >= 0
+#: section -> key -> :class:`Key`, generated from :mod:`dolfinx_pinn.options`.
+SCHEMA: dict[str, dict[str, Key]] = _schema()
 
-
-def _choice(*options: str) -> tuple[Callable[[Any], bool], str]:
-    return (lambda value: value in options), "one of " + ", ".join(repr(o) for o in options)
-
-
-_FLOAT = (float, int)
-_OPTIONAL_FLOAT = (float, int, type(None))
-_OPTIONAL_INT = (int, type(None))
-_PROBLEMS = _choice("paper_1d", "paper_2d", "laminate_2d")
-_NETWORKS = _choice("two_scale", "ms_pinn", "mlp")
-_BOUNDARY = _choice("transfinite", "hard", "soft")
-_OPTIMIZERS = _choice("adam", "gauss_newton", "projection")
-_WAVEVECTOR_NORMS = _choice("max", "l1")
-_SAMPLINGS = _choice("stratified", "sobol")
-_SCHEDULES = _choice("constant", "continuation")
-_REFERENCES = _choice("auto", "exact", "fine", "none")
-_ESTIMATORS = _choice("mean", "linear")
-_FORMS = _choice("auto", "normal", "gram", "qr")
-
-#: section -> key -> :class:`Key`.
-SCHEMA: dict[str, dict[str, Key]] = {
-    "problem": {
-        "name": Key((str,), "paper_1d", "the problem factory", *_PROBLEMS),
-        "eps": Key(_FLOAT, 0.01, "the fine scale ε", _positive, "> 0"),
-    },
-    "network": {
-        "kind": Key((str,), "two_scale", "TwoScaleNet, MultiscaleFourierNet or MLP", *_NETWORKS),
-        "width": Key(
-            _OPTIONAL_INT,
-            None,
-            "neurons per hidden layer (default per kind)",
-            lambda v: v is None or v >= 1,
-            ">= 1",
-        ),
-        "depth": Key(
-            _OPTIONAL_INT,
-            None,
-            "hidden layers (default per kind)",
-            lambda v: v is None or v >= 1,
-            ">= 1",
-        ),
-        "k_max": Key((int,), 14, "largest harmonic of TwoScaleNet", lambda v: v >= 0, ">= 0"),
-        "wavevector_norm": Key(
-            (str,), "max", "TwoScaleNet: norm of k_max ('l1': axis harmonics)", *_WAVEVECTOR_NORMS
-        ),
-        "boundary": Key((str,), "transfinite", "how the boundary condition is met", *_BOUNDARY),
-        "seed": Key(
-            (int,), 0, "initialisation seed (the same on every rank)", lambda v: v >= 0, ">= 0"
-        ),
-    },
-    "coarse": {
-        "h": Key(
-            _OPTIONAL_FLOAT,
-            None,
-            "coarse mesh size (default 0.004 in 1D, 0.04 in 2D)",
-            lambda v: v is None or _positive(v),
-            "> 0",
-        ),
-        "delta": Key(
-            _OPTIONAL_FLOAT,
-            None,
-            "compression diameter δ (default ε)",
-            lambda v: v is None or _positive(v),
-            "> 0",
-        ),
-        "compress_state": Key((bool,), False, "coupling (2.16) instead of (2.10)"),
-        "full_tensor": Key(
-            (bool,),
-            False,
-            "Algorithm 4.1: a d-output MLP gives the whole K̃ (mlp, soft boundary, adam)",
-        ),
-        "estimator": Key((str,), "mean", "compression estimator", *_ESTIMATORS),
-        "lazy": Key((bool,), True, "lazy coarse update (linearised state between refreshes)"),
-        "lazy_every": Key(
-            _OPTIONAL_INT,
-            None,
-            "T_K: steps between refresh checks (100 Adam, 1 GN)",
-            lambda v: v is None or v >= 1,
-            ">= 1",
-        ),
-        "lazy_tol": Key(_FLOAT, 1e-2, "refresh when |K̃ - K̃₀| exceeds this", _non_negative, ">= 0"),
-    },
-    "points": {
-        "n_interior": Key(
-            (int,), 2000, "interior collocation points M_Ω", lambda v: v >= 1, ">= 1"
-        ),
-        "n_boundary": Key(
-            _OPTIONAL_INT,
-            None,
-            "boundary points (soft BC, d > 1)",
-            lambda v: v is None or v >= 1,
-            ">= 1",
-        ),
-        "sampling": Key(
-            (str,), "stratified", "interior points: random per coarse cell, or Sobol'", *_SAMPLINGS
-        ),
-    },
-    "loss": {
-        "tau1": Key(_FLOAT, 1.0, "boundary penalty τ1", _positive, "> 0"),
-        "tau2": Key(_FLOAT, 1.0, "coupling weight τ2 (initial value)", _non_negative, ">= 0"),
-        "tau2_schedule": Key((str,), "constant", "τ2 schedule", *_SCHEDULES),
-        "tau2_decay": Key(_FLOAT, 0.1, "continuation factor", lambda v: 0 < v < 1, "in (0, 1)"),
-        "tau2_decay_steps": Key(
-            _OPTIONAL_INT,
-            None,
-            "steps per factor (1 GN, 500 Adam)",
-            lambda v: v is None or v >= 1,
-            ">= 1",
-        ),
-        "tau2_min": Key(_FLOAT, 1e-8, "τ2 below this becomes 0", _non_negative, ">= 0"),
-    },
-    "optimizer": {
-        "name": Key((str,), "adam", "the optimizer", *_OPTIMIZERS),
-        "steps": Key((int,), 1000, "iterations", lambda v: v >= 0, ">= 0"),
-        "lr": Key(_FLOAT, 5e-4, "Adam: initial learning rate", _positive, "> 0"),
-        "decay_rate": Key(
-            _FLOAT, 0.75, "Adam: lr factor per decay_steps", lambda v: 0 < v <= 1, "in (0, 1]"
-        ),
-        "decay_steps": Key((int,), 1000, "Adam: steps per lr decay", lambda v: v >= 1, ">= 1"),
-        "balancing": Key((bool,), True, "Adam: gradient-norm loss balancing"),
-        "balance_every": Key(
-            (int,), 100, "Adam: steps per balancing update", lambda v: v >= 1, ">= 1"
-        ),
-        "damping": Key(_FLOAT, 1e-3, "Gauss-Newton: initial damping", _positive, "> 0"),
-        "form": Key(
-            (str,),
-            "auto",
-            "Gauss-Newton/projection: linear algebra form (auto: QR, rows gathered under MPI; "
-            "normal: normal equations summed over ranks)",
-            *_FORMS,
-        ),
-        "variable_projection": Key((bool,), True, "Gauss-Newton: re-solve the output layer"),
-        "time_limit": Key(
-            _OPTIONAL_FLOAT,
-            None,
-            "stop after this many seconds",
-            lambda v: v is None or _positive(v),
-            "> 0",
-        ),
-    },
-    "run": {
-        "output": Key((str,), "out_dolfinx_pinn", "the run folder"),
-        "device": Key(
-            (str,),
-            "cpu",
-            "'cpu', 'cuda' (GPU rank mod n) or 'auto'",
-            lambda v: v in ("cpu", "cuda", "auto") or v.startswith("cuda:"),
-            "'cpu', 'cuda', 'cuda:k' or 'auto'",
-        ),
-        "seed": Key((int,), 0, "seed of the collocation points", lambda v: v >= 0, ">= 0"),
-        "reference": Key(
-            (str,),
-            "auto",
-            "exact (1D), fine FEM solve, none; auto: exact in 1D, fine otherwise",
-            *_REFERENCES,
-        ),
-        "fine_elements_per_period": Key(
-            (int,), 24, "cells per ε of the fine reference", lambda v: v >= 2, ">= 2"
-        ),
-        "fine_degree": Key(
-            (int,), 1, "Lagrange degree of the fine reference", lambda v: 1 <= v <= 4, "in [1, 4]"
-        ),
-        "eval_every": Key((int,), 100, "steps between error evaluations", lambda v: v >= 1, ">= 1"),
-        "checkpoint_every": Key(
-            _OPTIONAL_INT, None, "steps between checkpoints", lambda v: v is None or v >= 1, ">= 1"
-        ),
-        "resume": Key((bool,), False, "continue from the run folder's checkpoint"),
-        "progress": Key((bool,), True, "tqdm progress bar on rank 0"),
-        "figures": Key((bool,), True, "write PNG figures"),
-    },
-}
+_DIM = {"paper_1d": 1, "paper_2d": 2, "laminate_2d": 2}
 
 
 def defaults() -> dict[str, dict[str, Any]]:
     """The default configuration."""
-    return {
-        section: {k: key.default for k, key in keys.items()} for section, keys in SCHEMA.items()
-    }
-
-
-def _type_name(types: tuple[type, ...]) -> str:
-    names = {float: "number", int: "integer", str: "string", bool: "boolean", type(None): "none"}
-    if float in types:
-        types = tuple(t for t in types if t is not int)
-    return " or ".join(dict.fromkeys(names[t] for t in types))
+    return {section: cls.defaults() for section, cls in SECTIONS.items()}
 
 
 def validate(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -253,41 +106,45 @@ def validate(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if not isinstance(config, dict):
         raise ConfigError("the configuration must be a TOML table")
     for section, values in config.items():
-        if section not in SCHEMA:
-            raise ConfigError(f"unknown section [{section}]; allowed: {', '.join(sorted(SCHEMA))}")
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"unknown section [{section}]; allowed: {', '.join(sorted(SECTIONS))}"
+            )
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table")
+        keys = SECTIONS[section].keys()
         for name, value in values.items():
-            keys = SCHEMA[section]
             if name not in keys:
                 raise ConfigError(
                     f"unknown key {section}.{name}; allowed in [{section}]: "
                     f"{', '.join(sorted(keys))}"
                 )
-            key = keys[name]
-            ok_type = isinstance(value, key.types) and not (
-                isinstance(value, bool) and bool not in key.types
-            )
-            if not ok_type:
-                raise ConfigError(
-                    f"{section}.{name} must be of type {_type_name(key.types)}, got "
-                    f"{type(value).__name__} {value!r}"
-                )
-            if key.check is not None and not key.check(value):
-                raise ConfigError(f"{section}.{name} must be {key.allowed}, got {value!r}")
             merged[section][name] = value
-    if merged["optimizer"]["name"] == "projection" and merged["optimizer"]["form"] == "gram":
+    try:
+        merged = {
+            section: SECTIONS[section](**values).as_dict() for section, values in merged.items()
+        }
+    except OptionError as error:
+        raise ConfigError(str(error)) from None
+    optimizer, coarse, network = merged["optimizer"], merged["coarse"], merged["network"]
+    if optimizer["name"] == "projection" and optimizer["form"] == "gram":
         raise ConfigError("optimizer.form must be 'auto', 'normal' or 'qr' for 'projection'")
-    if merged["coarse"]["full_tensor"]:
-        network, optimizer = merged["network"], merged["optimizer"]["name"]
-        if network["kind"] != "mlp" or network["boundary"] != "soft" or optimizer != "adam":
+    if coarse["full_tensor"]:
+        if network["kind"] != "mlp" or network["boundary"] != "soft" or optimizer["name"] != "adam":
             raise ConfigError(
                 "coarse.full_tensor = true needs network.kind = 'mlp', network.boundary = "
                 f"'soft' and optimizer.name = 'adam', got {network['kind']!r}, "
-                f"{network['boundary']!r}, {optimizer!r}"
+                f"{network['boundary']!r}, {optimizer['name']!r}"
             )
-    if merged["optimizer"]["name"] == "projection" and not merged["coarse"]["lazy"]:
+    if optimizer["name"] == "projection" and not coarse["lazy"]:
         raise ConfigError("coarse.lazy must be true for optimizer.name = 'projection'")
+    if merged["run"]["reference"] == "exact" and _DIM[merged["problem"]["name"]] != 1:
+        raise ConfigError(
+            f"run.reference = 'exact' needs a 1D problem, but problem.name = "
+            f"{merged['problem']['name']!r} is 2D; use 'fine' (a fine FE solve) or 'none'"
+        )
+    if merged["run"]["target_l2"] is not None and merged["run"]["reference"] == "none":
+        raise ConfigError("run.target_l2 needs a reference; set run.reference to 'auto'")
     return merged
 
 
@@ -298,20 +155,44 @@ def _parse_value(text: str) -> Any:
         return text  # a bare string
 
 
+def config_names() -> list[str]:
+    """The names of the configurations shipped with the package."""
+    folder = resources.files("dolfinx_pinn") / "configs"
+    return sorted(item.name[:-5] for item in folder.iterdir() if item.name.endswith(".toml"))
+
+
+def _config_text(path: str | Path) -> tuple[str, str]:
+    """The text of a configuration file, or of a shipped one by name; and its label."""
+    candidate = Path(path)
+    if not candidate.exists() and str(path) in config_names():
+        shipped = resources.files("dolfinx_pinn") / "configs" / f"{path}.toml"
+        return shipped.read_text(encoding="utf-8"), f"{path} (shipped)"
+    if candidate.is_dir():
+        raise ConfigError(f"config: {path} is a directory, not a TOML file")
+    try:
+        return candidate.read_bytes().decode("utf-8"), str(path)
+    except FileNotFoundError:
+        names = ", ".join(config_names())
+        raise ConfigError(f"config: no file {path} (shipped configurations: {names})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config: {path} is not UTF-8 text ({error.reason})") from None
+    except OSError as error:
+        raise ConfigError(f"config: cannot read {path} ({error.strerror})") from None
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a TOML file (or the defaults for ``None``), apply ``section.key=value`` overrides.
+    """Read a TOML file, a shipped configuration by name, or the defaults for ``None``.
 
     Raises:
         ConfigError: for a missing/unreadable file, a malformed override or a bad key.
     """
     raw: dict[str, Any] = {}
     if path is not None:
+        text, label = _config_text(path)
         try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError as error:
-            raise ConfigError(f"config: no file {path}") from error
+            raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"config: {path} is not valid TOML: {error}") from error
+            raise ConfigError(f"config: {label} is not valid TOML: {error}") from None
     raw = copy.deepcopy(raw)
     for item in overrides:
         target, sep, text = item.partition("=")
@@ -332,19 +213,26 @@ def _help_epilog() -> str:
         for name, key in keys.items():
             allowed = f"; {key.allowed}" if key.allowed else ""
             lines.append(
-                f"    {name} ({_type_name(key.types)}, default {key.default!r}{allowed}): {key.doc}"
+                f"    {name} ({type_name(key.types)}, default {key.default!r}{allowed}): {key.doc}"
             )
+    lines.append(
+        "exit codes: 0 success, 1 the run failed (diverged, NaN), 2 bad input, "
+        "130/143 interrupted by SIGINT/SIGTERM"
+    )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (``run`` and ``keys`` sub-commands)."""
+    """The argument parser (``run``, ``keys``, ``configs`` and ``bench`` sub-commands)."""
+    from dolfinx_pinn import __version__
+
     parser = argparse.ArgumentParser(
         prog="dolfinx-pinn",
         description="Hybrid PINN / DOLFINx multiscale solver (Hintermüller & Korolev, Alg. 3.1).",
         epilog=_help_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"dolfinx-pinn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser(
         "run",
@@ -352,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_help_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run_parser.add_argument("config", help="the TOML configuration file")
+    run_parser.add_argument("config", help="a TOML file, or the name of a shipped configuration")
     run_parser.add_argument(
         "--set",
         dest="overrides",
@@ -362,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one key (value parsed as TOML); repeatable",
     )
     commands.add_parser("keys", help="print every configuration key with its default")
+    commands.add_parser("configs", help="list the configurations shipped with the package")
     # ``bench`` hands all its arguments to benchmarks/run.py (see main); listed here for --help.
     commands.add_parser(
         "bench", help="run the repository's benchmarks (benchmarks/run.py; bench --help)"
@@ -372,14 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_benchmarks(arguments: Sequence[str]) -> int:
     """``dolfinx-pinn bench ...``: ``benchmarks/run.py`` of the source checkout."""
     import runpy
-    from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
     if not script.is_file():
-        print(
-            f"dolfinx-pinn: error: bench needs a source checkout ({script} not found); "
-            "clone the repository and install it with `make install`",
-            file=sys.stderr,
+        _error(
+            f"bench needs a source checkout ({script} not found); clone the repository and "
+            "install it with `make install`"
         )
         return 2
     saved = sys.argv
@@ -442,8 +329,6 @@ def _make_reference(config: dict[str, Any], problem: Any, comm: MPI.Comm) -> Any
     from dolfinx_pinn.reference import exact_1d, solve_fine
 
     if kind == "exact":
-        if problem.dim != 1:
-            raise ConfigError("run.reference = 'exact' needs a 1D problem; use 'fine'")
         return exact_1d(problem)
     return solve_fine(
         problem,
@@ -451,6 +336,60 @@ def _make_reference(config: dict[str, Any], problem: Any, comm: MPI.Comm) -> Any
         degree=config["run"]["fine_degree"],
         elements_per_period=config["run"]["fine_elements_per_period"],
     )
+
+
+def _collective_check(comm: MPI.Comm, check: Callable[[], str | None]) -> None:
+    """Run ``check`` on rank 0 and raise its message (a ConfigError) on every rank."""
+    message = check() if comm.rank == 0 else None
+    message = comm.bcast(message, root=0)
+    if message:
+        raise ConfigError(message)
+
+
+def preflight(config: dict[str, Any], comm: MPI.Comm) -> None:
+    """The checks that need the machine, before any heavy work (collective).
+
+    The device exists, the output folder is writable and a resume has a checkpoint to resume.
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    from dolfinx_pinn.devices import select_device
+
+    try:
+        select_device(config["run"]["device"], comm)
+    except ValueError as error:
+        raise ConfigError(f"run.{error}") from None
+    output = Path(config["run"]["output"])
+
+    def writable() -> str | None:
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            probe = output / ".dolfinx_pinn_write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            return f"run.output: cannot write to {output} ({error.strerror or error})"
+        return None
+
+    _collective_check(comm, writable)
+    if config["run"]["resume"]:
+        folder = output / "checkpoint"
+        ranks = sorted(folder.glob("checkpoint.rank*.pt")) if folder.is_dir() else []
+        if not ranks:
+            raise ConfigError(
+                f"run.resume: there is no checkpoint in {folder} to resume (run once with "
+                "run.checkpoint_every set)"
+            )
+
+
+def training_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``HybridSolver.train`` in a configuration."""
+    return {
+        name: config[section][name]
+        for section, cls in SECTIONS.items()
+        for name in cls.training_keys()
+    }
 
 
 def run(config: dict[str, Any], comm: MPI.Comm | None = None) -> dict[str, Any]:
@@ -466,11 +405,16 @@ def run(config: dict[str, Any], comm: MPI.Comm | None = None) -> dict[str, Any]:
 
     comm = MPI.COMM_WORLD if comm is None else comm
     started = time.perf_counter()
+    preflight(config, comm)
     problem = _make_problem(config)
     network = _make_network(config, problem)
     reference = _make_reference(config, problem, comm)
-    coarse, points, loss = config["coarse"], config["points"], config["loss"]
-    optimizer, settings = config["optimizer"], config["run"]
+    coarse, points, loss, settings = (
+        config["coarse"],
+        config["points"],
+        config["loss"],
+        config["run"],
+    )
     output = Path(settings["output"])
     solver = HybridSolver(
         problem,
@@ -492,39 +436,14 @@ def run(config: dict[str, Any], comm: MPI.Comm | None = None) -> dict[str, Any]:
         reference=reference,
     )
     try:
-        options: dict[str, Any] = {
-            "tau2_schedule": loss["tau2_schedule"],
-            "tau2_decay": loss["tau2_decay"],
-            "tau2_decay_steps": loss["tau2_decay_steps"],
-            "tau2_min": loss["tau2_min"],
-            "lazy_every": coarse["lazy_every"],
-            "lazy_tol": coarse["lazy_tol"],
-            "eval_every": settings["eval_every"],
-            "checkpoint_every": settings["checkpoint_every"],
-            "checkpoint_dir": output / "checkpoint",
-            "resume": settings["resume"],
-            "progress": settings["progress"],
-            "time_limit": optimizer["time_limit"],
-        }
-        if optimizer["name"] == "adam":
-            options.update(
-                lr=optimizer["lr"],
-                decay_rate=optimizer["decay_rate"],
-                decay_steps=optimizer["decay_steps"],
-                balancing=optimizer["balancing"],
-                balance_every=optimizer["balance_every"],
-            )
-        elif optimizer["name"] == "projection":
-            options.update(form=optimizer["form"])
-        else:
-            variable_projection = optimizer["variable_projection"] and coarse["lazy"]
-            options.update(
-                damping=optimizer["damping"],
-                form=optimizer["form"],
-                variable_projection=variable_projection,
-            )
         torch.manual_seed(settings["seed"])
-        solver.train(optimizer["name"], optimizer["steps"], **options)
+        optimizer = config["optimizer"]
+        solver.train(
+            optimizer["name"],
+            optimizer["steps"],
+            checkpoint_dir=output / "checkpoint",
+            **training_options(config),
+        )
         metrics = write_outputs(
             solver,
             output,
@@ -536,6 +455,15 @@ def run(config: dict[str, Any], comm: MPI.Comm | None = None) -> dict[str, Any]:
     return metrics
 
 
+def _error(message: str) -> None:
+    if MPI.COMM_WORLD.rank == 0:
+        print(f"dolfinx-pinn: error: {message}", file=sys.stderr, flush=True)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise TrainingInterrupted(f"interrupted by {signal.Signals(signum).name}", signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dolfinx-pinn`` and ``python -m dolfinx_pinn``; returns the exit code."""
     parser = build_parser()
@@ -544,18 +472,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_benchmarks(arguments[1:])
     args = parser.parse_args(arguments)
     comm = MPI.COMM_WORLD
-    if args.command == "keys":
+    if args.command in ("keys", "configs"):
+        # A closed pipe (``dolfinx-pinn keys | head -1``) ends the process quietly, not PETSc.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         if comm.rank == 0:
-            print(_help_epilog())
+            print(_help_epilog() if args.command == "keys" else "\n".join(config_names()))
         return 0
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         config = load_config(args.config, args.overrides)
+        metrics = run(config, comm)
     except ConfigError as error:
-        if comm.rank == 0:
-            print(f"dolfinx-pinn: error: {error}", file=sys.stderr)
+        _error(str(error))
         return 2
-    metrics = run(config, comm)
+    except TrainingInterrupted as interrupt:
+        if comm.rank == 0:
+            print(f"dolfinx-pinn: {interrupt}", file=sys.stderr, flush=True)
+        return 128 + interrupt.signum
+    except (ValueError, NotImplementedError) as error:
+        _error(str(error))
+        return 2
+    except (RuntimeError, FloatingPointError, MemoryError) as error:
+        _error(str(error))
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if comm.rank == 0:
         summary = {k: metrics[k] for k in ("rel_l2", "rel_h1", "K_tilde", "iterations")}
-        print(f"dolfinx-pinn: wrote {config['run']['output']}: {summary}")
+        print(f"dolfinx-pinn: wrote {config['run']['output']}: {summary}", flush=True)
     return 0

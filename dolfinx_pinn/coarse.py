@@ -29,7 +29,6 @@ point set does not depend on the number of ranks.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -38,6 +37,7 @@ from mpi4py import MPI
 from petsc4py import PETSc
 
 import dolfinx
+import dolfinx.common
 import dolfinx.fem.petsc
 import dolfinx.geometry
 import numpy as np
@@ -45,24 +45,25 @@ import numpy.typing as npt
 import torch
 import ufl
 
+from dolfinx_pinn.ksp import DIRECT_SOLVER_MAX_DOFS, create_ksp, default_options, unique_prefix
 from dolfinx_pinn.problems import MultiscaleProblem
 
-__all__ = ["CoarseProblem", "CoarseSolve", "CollocationPoints", "check_mesh", "coarse_solve"]
+__all__ = [
+    "DIRECT_SOLVER_MAX_DOFS",
+    "CoarseProblem",
+    "CoarseSolve",
+    "CollocationPoints",
+    "KTildeParametrization",
+    "LinearizedState",
+    "check_mesh",
+    "coarse_solve",
+    "sobol_points",
+]
 
 Parametrization = Literal["tensor", "entry", "subdomains"]
 
-_instance_counter = itertools.count()
-
-#: Global dof counts up to which the default solver is a direct MUMPS LU factorisation.
-DIRECT_SOLVER_MAX_DOFS = 200_000
-
-
-def _direct_options() -> dict[str, Any]:
-    return {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
-
-
-def _iterative_options() -> dict[str, Any]:
-    return {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1.0e-12, "ksp_atol": 1.0e-50}
+#: The name under which the coarse PETSc work is timed (``dolfinx.common.list_timings``).
+TIMER_NAME = "dolfinx_pinn: coarse solves"
 
 
 def _simplex_check(mesh: dolfinx.mesh.Mesh) -> None:
@@ -89,16 +90,220 @@ def check_mesh(problem: MultiscaleProblem, mesh: dolfinx.mesh.Mesh) -> None:
     problem.check_mesh(mesh)
 
 
+class KTildeParametrization:
+    """How the parameter K̃ of the coarse problem describes its ``d x d`` tensor(s).
+
+    - ``"tensor"``: one constant tensor, a parameter of shape ``(d, d)``;
+    - ``"entry"``: only the ``(i, i)`` entry (i the problem's lifting direction), the other
+      entries fixed (Assumption 4.3 of Hintermüller & Korolev), a parameter of shape ``()``;
+    - ``"subdomains"``: one tensor per cell tag value (Algorithm 4.1), shape
+      ``(n_subdomains, d, d)`` in increasing order of the tag values.
+
+    Args:
+        kind: ``"tensor"``, ``"entry"`` or ``"subdomains"``.
+        mesh: The coarse mesh.
+        entry_index: i of ``"entry"``.
+        fixed_tensor: The fixed tensor of ``"entry"`` (default the identity).
+        cell_tags: For ``"subdomains"``: a ``dolfinx.mesh.MeshTags`` of the cells, or an
+            integer array with one tag per local cell (owned cells first); every owned cell
+            needs a tag. Collective on the mesh's communicator.
+    """
+
+    KINDS = ("tensor", "entry", "subdomains")
+
+    def __init__(
+        self,
+        kind: str,
+        mesh: dolfinx.mesh.Mesh,
+        entry_index: int,
+        fixed_tensor: npt.ArrayLike | None = None,
+        cell_tags: dolfinx.mesh.MeshTags | npt.ArrayLike | None = None,
+    ) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(
+                f"parametrization must be 'tensor', 'entry' or 'subdomains', got {kind!r}"
+            )
+        self.kind = kind
+        self.dim = d = mesh.topology.dim
+        self.entry_index = entry_index
+        fixed = np.eye(d) if fixed_tensor is None else np.array(fixed_tensor, dtype=np.float64)
+        if fixed.shape != (d, d) or not np.all(np.isfinite(fixed)):
+            raise ValueError(
+                f"fixed_tensor must be a finite {d}x{d} array, got shape {fixed.shape}"
+            )
+        self.fixed_tensor = fixed
+        self.num_owned_cells = mesh.topology.index_map(d).size_local
+        self.subdomain_values: np.ndarray | None = None
+        self.cell_subdomain: np.ndarray | None = None
+        if kind == "subdomains":
+            self._setup_subdomains(mesh, cell_tags)
+        elif cell_tags is not None:
+            raise ValueError("cell_tags is only used with parametrization='subdomains'")
+
+    def _setup_subdomains(self, mesh: dolfinx.mesh.Mesh, cell_tags: Any) -> None:
+        tdim, owned_count = mesh.topology.dim, self.num_owned_cells
+        num_local_cells = owned_count + mesh.topology.index_map(tdim).num_ghosts
+        if cell_tags is None:
+            raise ValueError("cell_tags: needed with parametrization='subdomains'")
+        tags = np.full(num_local_cells, np.iinfo(np.int64).min, dtype=np.int64)
+        if isinstance(cell_tags, dolfinx.mesh.MeshTags):
+            if cell_tags.dim != tdim:
+                raise ValueError(f"cell_tags must tag cells (dim {tdim}), got dim {cell_tags.dim}")
+            tags[cell_tags.indices] = cell_tags.values
+        else:
+            array = np.asarray(cell_tags)
+            if array.ndim != 1 or array.shape[0] not in (owned_count, num_local_cells):
+                raise ValueError(
+                    "cell_tags: need one integer tag per owned (or local) cell, "
+                    f"{owned_count} or {num_local_cells}, got shape {array.shape}"
+                )
+            if not np.issubdtype(array.dtype, np.integer):
+                raise ValueError(f"cell_tags must be integers, got dtype {array.dtype}")
+            tags[: array.shape[0]] = array
+        owned = tags[:owned_count]
+        comm = mesh.comm
+        missing = int(comm.allreduce(int(np.sum(owned == np.iinfo(np.int64).min)), MPI.SUM))
+        if missing:
+            raise ValueError(f"cell_tags: {missing} owned cells have no tag")
+        values = np.unique(np.concatenate(comm.allgather(np.unique(owned))))
+        self.subdomain_values = values
+        self.cell_subdomain = np.searchsorted(values, owned)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the parameter: ``(d, d)``, ``()`` or ``(n_subdomains, d, d)``."""
+        d = self.dim
+        if self.kind == "tensor":
+            return (d, d)
+        if self.kind == "entry":
+            return ()
+        assert self.subdomain_values is not None
+        return (len(self.subdomain_values), d, d)
+
+    def tensors(self, parameter: npt.ArrayLike) -> np.ndarray:
+        """The ``d x d`` tensors ``(n, d, d)`` a parameter describes (validated).
+
+        Raises:
+            ValueError: when the shape is wrong, an entry is not finite, or a tensor is not
+                positive definite (its symmetric part, checked before PETSc is called).
+        """
+        if isinstance(parameter, torch.Tensor):
+            parameter = parameter.detach().cpu().numpy()
+        value = np.asarray(parameter, dtype=np.float64)
+        if self.kind == "entry" and value.shape == (1,):
+            value = value.reshape(())
+        if value.shape != self.shape:
+            raise ValueError(
+                f"K_tilde must have shape {self.shape} for parametrization {self.kind!r}, "
+                f"got {value.shape}"
+            )
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"K_tilde must be finite, got {value.tolist()}")
+        if self.kind == "entry":
+            tensor = self.fixed_tensor.copy()
+            tensor[self.entry_index, self.entry_index] = float(value)
+            tensors = tensor[None]
+        else:
+            tensors = value[None] if self.kind == "tensor" else value
+        symmetric = 0.5 * (tensors + np.swapaxes(tensors, -1, -2))
+        smallest = np.linalg.eigvalsh(symmetric)[:, 0]
+        scale = np.abs(tensors).reshape(len(tensors), -1).max(axis=1)
+        if np.any(smallest <= 1e-12 * np.maximum(scale, 1e-300)):
+            worst = int(np.argmin(smallest))
+            raise ValueError(
+                "K_tilde must be positive definite (the coarse form must be coercive); tensor "
+                f"{worst} has smallest eigenvalue {smallest[worst]:.3e}: {tensors[worst].tolist()}"
+            )
+        return tensors
+
+    def reduce_gradient(self, per_cell: np.ndarray, comm: MPI.Comm) -> np.ndarray:
+        """The gradient with respect to the parameter from per-owned-cell tensor gradients."""
+        d = self.dim
+        if self.kind == "subdomains":
+            assert self.cell_subdomain is not None and self.subdomain_values is not None
+            partial = np.zeros((len(self.subdomain_values), d * d))
+            np.add.at(partial, self.cell_subdomain, per_cell)
+            return comm.allreduce(partial, MPI.SUM).reshape(-1, d, d)
+        total = comm.allreduce(per_cell.sum(axis=0), MPI.SUM).reshape(d, d)
+        if self.kind == "entry":
+            return np.asarray(total[self.entry_index, self.entry_index])
+        return total
+
+
+class _StiffnessMatrix:
+    """``B(K̃)`` of (3.23): ``Σ_ab K̃_ab A^{ab}`` from matrices assembled once, or assembled.
+
+    For one constant tensor (``"tensor"``, ``"entry"``) the ``A^{ab} = ∫ ∂_b φ_l ∂_a φ_k`` (zero
+    Dirichlet rows and columns) and the identity on the Dirichlet rows are assembled once, so a
+    new K̃ costs a few sparse additions; per subdomain the DG0 field K̃ is assembled. Collective.
+    """
+
+    def __init__(self, coarse: CoarseProblem, dx: ufl.Measure, affine: bool) -> None:
+        space, bc, d = coarse.space, coarse.bc, coarse.dim
+        y, v = ufl.TrialFunction(space), ufl.TestFunction(space)
+        self.bc = bc
+        # One UFL form for every parametrisation: K̃ is a DG0 tensor field.
+        self.form = dolfinx.fem.form(ufl.inner(coarse.coefficient * ufl.grad(y), ufl.grad(v)) * dx)
+        self.matrix = dolfinx.fem.petsc.create_matrix(self.form)
+        # Assemble once (K̃ = I) so that B holds the full P1 pattern that the A^{ab} share.
+        coarse.coefficient.x.array.reshape(-1, d * d)[:] = np.eye(d).reshape(d * d)
+        dolfinx.fem.petsc.assemble_matrix(self.matrix, self.form, bcs=[bc], diag=1.0)
+        self.matrix.assemble()
+        self.basis: dict[tuple[int, int], PETSc.Mat] = {}
+        self.bc_diagonal: PETSc.Mat | None = None
+        if not affine:
+            return
+        for a in range(d):
+            for b in range(d):
+                form = dolfinx.fem.form(y.dx(b) * v.dx(a) * dx)
+                matrix = dolfinx.fem.petsc.assemble_matrix(form, bcs=[bc], diag=0.0)
+                matrix.assemble()
+                self.basis[(a, b)] = matrix
+        # The identity on the Dirichlet rows: the difference of two assemblies.
+        form = dolfinx.fem.form(y.dx(0) * v.dx(0) * dx)
+        with_diagonal = dolfinx.fem.petsc.assemble_matrix(form, bcs=[bc], diag=1.0)
+        with_diagonal.assemble()
+        with_diagonal.axpy(
+            -1.0, self.basis[(0, 0)], structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN
+        )
+        self.bc_diagonal = with_diagonal
+
+    def update(self, tensor: np.ndarray | None) -> None:
+        """``B`` for one constant tensor, or (``None``) by assembly of the coefficient field."""
+        matrix = self.matrix
+        matrix.zeroEntries()
+        if tensor is None:
+            dolfinx.fem.petsc.assemble_matrix(matrix, self.form, bcs=[self.bc], diag=1.0)
+            matrix.assemble()
+            return
+        # All A^{ab} come from the same P1 sparsity pattern as B.
+        same_pattern = PETSc.Mat.Structure.SAME_NONZERO_PATTERN
+        for (a, b), basis in self.basis.items():
+            if tensor[a, b] != 0.0:
+                matrix.axpy(tensor[a, b], basis, structure=same_pattern)
+        assert self.bc_diagonal is not None
+        matrix.axpy(1.0, self.bc_diagonal, structure=same_pattern)
+
+    def destroy(self) -> None:
+        for matrix in self.basis.values():
+            matrix.destroy()
+        if self.bc_diagonal is not None:
+            self.bc_diagonal.destroy()
+        self.matrix.destroy()
+
+
 class CoarseProblem:
     """The coarse problem (4.18) with cached operators and KSPs (collective on ``mesh.comm``).
 
     The state KSP and the adjoint KSP are built once, each with its own PETSc options prefix
     (``dolfinx_pinn_state_<n>_`` and ``dolfinx_pinn_adjoint_<n>_``, ``n`` unique per instance,
-    see :attr:`state_prefix`, :attr:`adjoint_prefix`), and reused for every new K̃. Options given
-    on the command line or in ``PETSc.Options()`` under these prefixes override the defaults
-    (MUMPS LU up to :data:`DIRECT_SOLVER_MAX_DOFS` global dofs, CG + GAMG above). For the
-    ``"tensor"`` and ``"entry"`` parametrisations the matrix is ``B = Σ_ab K̃_ab A^{ab}`` with the
-    ``A^{ab}`` assembled once, so a new K̃ costs no reassembly.
+    see :attr:`state_prefix`, :attr:`adjoint_prefix`), and reused for every new K̃; their options
+    follow the precedence of :mod:`dolfinx_pinn.ksp` (options under these prefixes on the
+    command line win; defaults MUMPS LU up to :data:`DIRECT_SOLVER_MAX_DOFS` global dofs, CG +
+    GAMG above). For the ``"tensor"`` and ``"entry"`` parametrisations the matrix is
+    ``B = Σ_ab K̃_ab A^{ab}`` with the ``A^{ab}`` assembled once, so a new K̃ costs no
+    reassembly. Every solve is timed with a ``dolfinx.common.Timer`` (:data:`TIMER_NAME`), and
+    this instance's total is :attr:`solve_time`.
 
     Args:
         problem: The multiscale problem (its source ``q`` and dimension are used).
@@ -138,20 +343,17 @@ class CoarseProblem:
     ) -> None:
         check_mesh(problem, mesh)
         _simplex_check(mesh)
-        if parametrization not in ("tensor", "entry", "subdomains"):
-            raise ValueError(
-                "parametrization must be 'tensor', 'entry' or 'subdomains', "
-                f"got {parametrization!r}"
-            )
         if solver not in ("auto", "direct", "iterative"):
             raise ValueError(f"solver must be 'auto', 'direct' or 'iterative', got {solver!r}")
         self._destroyed = False
         self.problem = problem
         self.mesh = mesh
         self.comm: MPI.Comm = mesh.comm
-        self.dim = problem.dim
+        self.dim = d = problem.dim
+        self.parameters = KTildeParametrization(
+            parametrization, mesh, problem.lifting_direction, fixed_tensor, cell_tags
+        )
         self.parametrization: Parametrization = parametrization
-        d = self.dim
         tdim = mesh.topology.dim
 
         self.space = dolfinx.fem.functionspace(mesh, ("Lagrange", 1))
@@ -163,28 +365,6 @@ class CoarseProblem:
         self.state = dolfinx.fem.Function(self.space, name="y_h")
         self.adjoint = dolfinx.fem.Function(self.space, name="p_h")
 
-        # Fixed tensor of the "entry" parametrisation.
-        self.entry_index = problem.lifting_direction
-        if fixed_tensor is None:
-            fixed = np.eye(d)
-        else:
-            fixed = np.array(fixed_tensor, dtype=np.float64)
-            if fixed.shape != (d, d) or not np.all(np.isfinite(fixed)):
-                raise ValueError(
-                    f"fixed_tensor must be a finite {d}x{d} array, got shape {fixed.shape}"
-                )
-        self.fixed_tensor = fixed
-
-        # Cells → subdomain index for the "subdomains" parametrisation.
-        num_owned_cells = mesh.topology.index_map(tdim).size_local
-        self._num_owned_cells = num_owned_cells
-        self.subdomain_values: np.ndarray | None = None
-        self._cell_subdomain: np.ndarray | None = None
-        if parametrization == "subdomains":
-            self._setup_subdomains(cell_tags, num_owned_cells)
-        elif cell_tags is not None:
-            raise ValueError("cell_tags is only used with parametrization='subdomains'")
-
         # Dirichlet condition on the whole boundary.
         mesh.topology.create_connectivity(tdim - 1, tdim)
         boundary_facets = dolfinx.mesh.exterior_facet_indices(mesh.topology)
@@ -192,10 +372,8 @@ class CoarseProblem:
         self.bc = dolfinx.fem.dirichletbc(0.0, boundary_dofs, self.space)
         self.boundary_dofs = boundary_dofs
 
-        y, v = ufl.TrialFunction(self.space), ufl.TestFunction(self.space)
+        v = ufl.TestFunction(self.space)
         dx = ufl.dx(domain=mesh)
-        # One UFL form for every parametrisation: K̃ is a DG0 tensor field.
-        self._a_form = dolfinx.fem.form(ufl.inner(self.coefficient * ufl.grad(y), ufl.grad(v)) * dx)
         x = ufl.SpatialCoordinate(mesh)
         source = problem.q(x)
         if isinstance(source, ufl.constantvalue.Zero) or (
@@ -211,17 +389,8 @@ class CoarseProblem:
             ufl.derivative(residual_like, self.coefficient, ufl.TestFunction(self.tensor_space))
         )
         self._gradient_vector = dolfinx.fem.petsc.create_vector(self.tensor_space)
-
-        # Operators.
-        self.matrix = dolfinx.fem.petsc.create_matrix(self._a_form)
-        # Assemble once (K̃ = I) so that B holds the full P1 pattern that the A^{ab} share.
-        self.coefficient.x.array.reshape(-1, d * d)[:] = np.eye(d).reshape(d * d)
-        dolfinx.fem.petsc.assemble_matrix(self.matrix, self._a_form, bcs=[self.bc], diag=1.0)
-        self.matrix.assemble()
-        self._basis_matrices: dict[tuple[int, int], PETSc.Mat] = {}
-        self._bc_diagonal: PETSc.Mat | None = None
-        if parametrization in ("tensor", "entry"):
-            self._assemble_basis_matrices(y, v, dx)
+        self._stiffness = _StiffnessMatrix(self, dx, parametrization != "subdomains")
+        self.matrix = self._stiffness.matrix
         self.rhs = dolfinx.fem.petsc.assemble_vector(self._L_form)
         self.rhs.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
         dolfinx.fem.petsc.set_bc(self.rhs, [self.bc])
@@ -229,142 +398,41 @@ class CoarseProblem:
         self._current_key: bytes | None = None
 
         # KSPs, one per solve, each with its own prefix.
-        instance = next(_instance_counter)
-        if solver == "auto":
-            solver = "direct" if self.num_global_dofs <= DIRECT_SOLVER_MAX_DOFS else "iterative"
-        defaults = _direct_options() if solver == "direct" else _iterative_options()
-        # Given options replace the defaults (a partial merge would leave e.g. a MUMPS option
-        # dangling under a Jacobi preconditioner).
-        state_options = dict(petsc_options) if petsc_options is not None else defaults
-        adjoint_options = (
-            dict(adjoint_petsc_options) if adjoint_petsc_options is not None else state_options
-        )
-        self.state_prefix = f"dolfinx_pinn_state_{instance}_"
-        self.adjoint_prefix = f"dolfinx_pinn_adjoint_{instance}_"
-        self.state_ksp = self._create_ksp(self.state_prefix, state_options)
-        self.adjoint_ksp = self._create_ksp(self.adjoint_prefix, adjoint_options)
+        defaults = default_options(solver, self.num_global_dofs)
+        state_options = dict(petsc_options) if petsc_options else defaults
+        adjoint_options = dict(adjoint_petsc_options) if adjoint_petsc_options else state_options
+        self.state_prefix = unique_prefix("state")
+        self.adjoint_prefix = self.state_prefix.replace("_state_", "_adjoint_")
+        self.state_ksp = create_ksp(self.comm, self.matrix, self.state_prefix, state_options)
+        self.adjoint_ksp = create_ksp(self.comm, self.matrix, self.adjoint_prefix, adjoint_options)
+        self.solve_time = 0.0
+        self._sensitivity: _Sensitivity | None = None
 
     # -- setup -------------------------------------------------------------------------------
-    def _setup_subdomains(self, cell_tags: Any, num_owned_cells: int) -> None:
-        mesh = self.mesh
-        tdim = mesh.topology.dim
-        num_local_cells = num_owned_cells + mesh.topology.index_map(tdim).num_ghosts
-        if cell_tags is None:
-            raise ValueError("cell_tags: needed with parametrization='subdomains'")
-        tags = np.full(num_local_cells, np.iinfo(np.int64).min, dtype=np.int64)
-        if isinstance(cell_tags, dolfinx.mesh.MeshTags):
-            if cell_tags.dim != tdim:
-                raise ValueError(f"cell_tags must tag cells (dim {tdim}), got dim {cell_tags.dim}")
-            tags[cell_tags.indices] = cell_tags.values
-        else:
-            array = np.asarray(cell_tags)
-            if array.ndim != 1 or array.shape[0] not in (num_owned_cells, num_local_cells):
-                raise ValueError(
-                    "cell_tags: need one integer tag per owned (or local) cell, "
-                    f"{num_owned_cells} or {num_local_cells}, got shape {array.shape}"
-                )
-            if not np.issubdtype(array.dtype, np.integer):
-                raise ValueError(f"cell_tags must be integers, got dtype {array.dtype}")
-            tags[: array.shape[0]] = array
-        owned = tags[:num_owned_cells]
-        missing = int(self.comm.allreduce(int(np.sum(owned == np.iinfo(np.int64).min)), MPI.SUM))
-        if missing:
-            raise ValueError(f"cell_tags: {missing} owned cells have no tag")
-        values = np.unique(np.concatenate(self.comm.allgather(np.unique(owned))))
-        self.subdomain_values = values
-        self._cell_subdomain = np.searchsorted(values, owned)
-
-    def _assemble_basis_matrices(self, y: ufl.Argument, v: ufl.Argument, dx: ufl.Measure) -> None:
-        """Assemble A^{ab} = ∫ ∂_b φ_l ∂_a φ_k (zero Dirichlet rows/columns) once."""
-        d = self.dim
-        for a in range(d):
-            for b in range(d):
-                form = dolfinx.fem.form(y.dx(b) * v.dx(a) * dx)
-                matrix = dolfinx.fem.petsc.assemble_matrix(form, bcs=[self.bc], diag=0.0)
-                matrix.assemble()
-                self._basis_matrices[(a, b)] = matrix
-        # The identity on the Dirichlet rows: the difference of two assemblies.
-        form = dolfinx.fem.form(y.dx(0) * v.dx(0) * dx)
-        with_diagonal = dolfinx.fem.petsc.assemble_matrix(form, bcs=[self.bc], diag=1.0)
-        with_diagonal.assemble()
-        with_diagonal.axpy(
-            -1.0, self._basis_matrices[(0, 0)], structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN
-        )
-        self._bc_diagonal = with_diagonal
-
-    def _create_ksp(self, prefix: str, options: Mapping[str, Any]) -> PETSc.KSP:
-        ksp = PETSc.KSP().create(self.comm)
-        ksp.setOperators(self.matrix)
-        ksp.setOptionsPrefix(prefix)
-        database = PETSc.Options()
-        database.prefixPush(prefix)
-        inserted = []
-        for key, value in options.items():
-            if not database.hasName(key):  # the user's options win over our defaults
-                database[key] = value
-                inserted.append(key)
-        database.prefixPop()
-        ksp.setFromOptions()
-        database.prefixPush(prefix)
-        for key in inserted:
-            database.delValue(key)
-        database.prefixPop()
-        return ksp
-
     # -- K̃ -----------------------------------------------------------------------------------
     @property
     def parameter_shape(self) -> tuple[int, ...]:
         """The shape of the K̃ parameter: ``(d, d)``, ``()`` or ``(n_subdomains, d, d)``."""
-        d = self.dim
-        if self.parametrization == "tensor":
-            return (d, d)
-        if self.parametrization == "entry":
-            return ()
-        assert self.subdomain_values is not None
-        return (len(self.subdomain_values), d, d)
+        return self.parameters.shape
+
+    @property
+    def entry_index(self) -> int:
+        """The index i of the ``"entry"`` parametrisation (the problem's lifting direction)."""
+        return self.parameters.entry_index
+
+    @property
+    def fixed_tensor(self) -> np.ndarray:
+        """The fixed tensor of the ``"entry"`` parametrisation."""
+        return self.parameters.fixed_tensor
+
+    @property
+    def subdomain_values(self) -> np.ndarray | None:
+        """The cell tag values of the ``"subdomains"`` parametrisation, in order."""
+        return self.parameters.subdomain_values
 
     def full_tensors(self, parameter: npt.ArrayLike) -> np.ndarray:
-        """The ``d x d`` tensors ``(n, d, d)`` described by a parameter (validated).
-
-        Args:
-            parameter: K̃ as a numpy array or a (detached) torch tensor.
-
-        Raises:
-            ValueError: when the shape is wrong, an entry is not finite, or a tensor is not
-                positive definite (its symmetric part, checked before PETSc is called).
-        """
-        if isinstance(parameter, torch.Tensor):
-            parameter = parameter.detach().cpu().numpy()
-        value = np.asarray(parameter, dtype=np.float64)
-        expected = self.parameter_shape
-        if self.parametrization == "entry" and value.shape == (1,):
-            value = value.reshape(())
-        if value.shape != expected:
-            raise ValueError(
-                f"K_tilde must have shape {expected} for parametrization "
-                f"{self.parametrization!r}, got {value.shape}"
-            )
-        if not np.all(np.isfinite(value)):
-            raise ValueError(f"K_tilde must be finite, got {value.tolist()}")
-        if self.parametrization == "entry":
-            tensor = self.fixed_tensor.copy()
-            i = self.entry_index
-            tensor[i, i] = float(value)
-            tensors = tensor[None]
-        elif self.parametrization == "tensor":
-            tensors = value[None]
-        else:
-            tensors = value
-        symmetric = 0.5 * (tensors + np.swapaxes(tensors, -1, -2))
-        smallest = np.linalg.eigvalsh(symmetric)[:, 0]
-        scale = np.abs(tensors).reshape(len(tensors), -1).max(axis=1)
-        if np.any(smallest <= 1e-12 * np.maximum(scale, 1e-300)):
-            worst = int(np.argmin(smallest))
-            raise ValueError(
-                "K_tilde must be positive definite (the coarse form must be coercive); tensor "
-                f"{worst} has smallest eigenvalue {smallest[worst]:.3e}: {tensors[worst].tolist()}"
-            )
-        return tensors
+        """The ``d x d`` tensors ``(n, d, d)`` described by a parameter (validated)."""
+        return self.parameters.tensors(parameter)
 
     def assemble(self, parameter: npt.ArrayLike) -> None:
         """Assemble ``B(K̃)`` for a parameter (collective); a no-op when K̃ is unchanged."""
@@ -373,49 +441,65 @@ class CoarseProblem:
         key = tensors.tobytes()
         if key == self._current_key:
             return
-        matrix = self.matrix
-        # All A^{ab} come from the same P1 sparsity pattern as B.
-        same_pattern = PETSc.Mat.Structure.SAME_NONZERO_PATTERN
-        if self.parametrization == "subdomains":
-            assert self._cell_subdomain is not None
-            self._set_coefficient(tensors)
-            matrix.zeroEntries()
-            dolfinx.fem.petsc.assemble_matrix(matrix, self._a_form, bcs=[self.bc], diag=1.0)
-            matrix.assemble()
-        else:
-            tensor = tensors[0]
-            self._set_coefficient(tensors)
-            matrix.zeroEntries()
-            for (a, b), basis in self._basis_matrices.items():
-                if tensor[a, b] != 0.0:
-                    matrix.axpy(tensor[a, b], basis, structure=same_pattern)
-            assert self._bc_diagonal is not None
-            matrix.axpy(1.0, self._bc_diagonal, structure=same_pattern)
+        self._set_coefficient(tensors)
+        self._stiffness.update(None if self.parametrization == "subdomains" else tensors[0])
         self._current_key = key
         # A new operator: both KSPs refactorise / rebuild their preconditioners.
-        self.state_ksp.setOperators(matrix)
-        self.adjoint_ksp.setOperators(matrix)
+        self.state_ksp.setOperators(self.matrix)
+        self.adjoint_ksp.setOperators(self.matrix)
 
     def _set_coefficient(self, tensors: np.ndarray) -> None:
         d = self.dim
         values = self.coefficient.x.array.reshape(-1, d * d)
         if self.parametrization == "subdomains":
-            assert self._cell_subdomain is not None
-            owned_dofs = self.tensor_space.dofmap.list[: self._num_owned_cells, 0]
-            values[owned_dofs] = tensors[self._cell_subdomain].reshape(-1, d * d)
+            parameters = self.parameters
+            owned_dofs = self.tensor_space.dofmap.list[: parameters.num_owned_cells, 0]
+            values[owned_dofs] = tensors[parameters.cell_subdomain].reshape(-1, d * d)
             self.coefficient.x.scatter_forward()
         else:
             values[:] = tensors[0].reshape(d * d)
 
     # -- solves ------------------------------------------------------------------------------
+    def _timed(self) -> _SolveTimer:
+        return _SolveTimer(self)
+
     def solve_state(self, parameter: npt.ArrayLike) -> np.ndarray:
         """Solve ``B(K̃) y_h = F`` (collective); returns a copy of y_h at the owned dofs."""
-        self.assemble(parameter)
-        vector = self.state.x.petsc_vec
-        self.state_ksp.solve(self.rhs, vector)
-        self._check_converged(self.state_ksp, "state")
-        self.state.x.scatter_forward()
-        return self.state.x.array[: self.num_owned_dofs].copy()
+        with self._timed():
+            self.assemble(parameter)
+            vector = self.state.x.petsc_vec
+            self.state_ksp.solve(self.rhs, vector)
+            self._check_converged(self.state_ksp, "state")
+            self.state.x.scatter_forward()
+            return self.state.x.array[: self.num_owned_dofs].copy()
+
+    def solve_sensitivity(self, parameter: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """The state y_h(K̃) and its sensitivity ``S = ∂y_h/∂K̃`` at the owned dofs (collective).
+
+        Column a of S solves ``B(K̃) S_a = -(∂B/∂K̃_a) y_h`` with the state KSP (factorised
+        by the state solve), the right-hand side assembled from ``-∫ (E_a ∇y_h)·∇v dx``, E_a
+        the direction of parameter entry a (``"entry"``: one column; ``"tensor"``: d² columns
+        in row-major order). This is the exact derivative of the discrete state, used by the
+        lazy coarse update and by the Gauss-Newton rows of the coupling.
+
+        Returns:
+            ``(y_h (n,), S (n, p))`` with n the owned dofs and p the entries of K̃.
+        """
+        if self.parametrization not in ("entry", "tensor"):
+            raise ValueError(
+                "parametrization must be 'entry' or 'tensor' for the state sensitivity, "
+                f"got {self.parametrization!r}"
+            )
+        state = self.solve_state(parameter)
+        if self._sensitivity is None:
+            self._sensitivity = _Sensitivity(self)
+        with self._timed():
+            return state, self._sensitivity.columns()
+
+    @property
+    def num_parameters(self) -> int:
+        """The number of entries of K̃ (1 for ``"entry"``, d² for ``"tensor"``)."""
+        return int(np.prod(self.parameter_shape, dtype=int))
 
     def solve_adjoint(self, parameter: npt.ArrayLike, rhs_owned: npt.ArrayLike) -> np.ndarray:
         """Solve ``B(K̃)^T p_h = rhs`` (collective); returns p_h at the owned dofs.
@@ -429,13 +513,14 @@ class CoarseProblem:
             raise ValueError(
                 f"rhs_owned must have shape ({self.num_owned_dofs},), got {rhs_owned.shape}"
             )
-        self._adjoint_rhs.array[:] = rhs_owned
-        dolfinx.fem.petsc.set_bc(self._adjoint_rhs, [self.bc], alpha=0.0)
-        vector = self.adjoint.x.petsc_vec
-        self.adjoint_ksp.solveTranspose(self._adjoint_rhs, vector)
-        self._check_converged(self.adjoint_ksp, "adjoint")
-        self.adjoint.x.scatter_forward()
-        return self.adjoint.x.array[: self.num_owned_dofs].copy()
+        with self._timed():
+            self._adjoint_rhs.array[:] = rhs_owned
+            dolfinx.fem.petsc.set_bc(self._adjoint_rhs, [self.bc], alpha=0.0)
+            vector = self.adjoint.x.petsc_vec
+            self.adjoint_ksp.solveTranspose(self._adjoint_rhs, vector)
+            self._check_converged(self.adjoint_ksp, "adjoint")
+            self.adjoint.x.scatter_forward()
+            return self.adjoint.x.array[: self.num_owned_dofs].copy()
 
     def parameter_gradient(self, state_owned: npt.ArrayLike | None = None) -> np.ndarray:
         """``dL/dK̃ = -p_h^T (∂B/∂K̃) y_h`` from the current adjoint (collective).
@@ -447,6 +532,10 @@ class CoarseProblem:
         Args:
             state_owned: y_h at the owned dofs (default: the last state solved).
         """
+        with self._timed():
+            return self._parameter_gradient(state_owned)
+
+    def _parameter_gradient(self, state_owned: npt.ArrayLike | None) -> np.ndarray:
         if state_owned is not None:
             self.state.x.array[: self.num_owned_dofs] = state_owned
             self.state.x.scatter_forward()
@@ -457,18 +546,8 @@ class CoarseProblem:
         d = self.dim
         # DG0: each owned cell's dof is owned and assembled only there (no ghost accumulation).
         local = vector.getArray(readonly=True).reshape(-1, d * d)
-        owned_dofs = self.tensor_space.dofmap.list[: self._num_owned_cells, 0]
-        per_cell = local[owned_dofs]
-        if self.parametrization == "subdomains":
-            assert self._cell_subdomain is not None and self.subdomain_values is not None
-            partial = np.zeros((len(self.subdomain_values), d * d))
-            np.add.at(partial, self._cell_subdomain, per_cell)
-            return self.comm.allreduce(partial, MPI.SUM).reshape(-1, d, d)
-        total = self.comm.allreduce(per_cell.sum(axis=0), MPI.SUM).reshape(d, d)
-        if self.parametrization == "entry":
-            i = self.entry_index
-            return np.asarray(total[i, i])
-        return total
+        owned_dofs = self.tensor_space.dofmap.list[: self.parameters.num_owned_cells, 0]
+        return self.parameters.reduce_gradient(local[owned_dofs], self.comm)
 
     def _check_converged(self, ksp: PETSc.KSP, label: str) -> None:
         reason = ksp.getConvergedReason()
@@ -513,13 +592,12 @@ class CoarseProblem:
         if self._destroyed:
             return
         self._destroyed = True
+        if self._sensitivity is not None:
+            self._sensitivity.destroy()
         for ksp in (self.state_ksp, self.adjoint_ksp):
             ksp.destroy()
-        for matrix in self._basis_matrices.values():
-            matrix.destroy()
-        if self._bc_diagonal is not None:
-            self._bc_diagonal.destroy()
-        for obj in (self.matrix, self.rhs, self._adjoint_rhs, self._gradient_vector):
+        self._stiffness.destroy()
+        for obj in (self.rhs, self._adjoint_rhs, self._gradient_vector):
             obj.destroy()
 
     def __enter__(self) -> CoarseProblem:
@@ -533,6 +611,100 @@ class CoarseProblem:
             f"CoarseProblem({self.problem.name!r}, {self.parametrization!r}, "
             f"{self.num_global_dofs} dofs on {self.comm.size} rank(s))"
         )
+
+
+class _SolveTimer:
+    """Times a block of PETSc work with ``dolfinx.common.Timer`` and adds it to the instance."""
+
+    def __init__(self, coarse: CoarseProblem) -> None:
+        self.coarse = coarse
+        self.timer = dolfinx.common.Timer(TIMER_NAME)
+
+    def __enter__(self) -> _SolveTimer:
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.coarse.solve_time += self.timer.stop().total_seconds()
+        self.timer.flush()
+
+
+class _Sensitivity:
+    """The right-hand sides ``-∫ (E_a ∇y_h)·∇v`` of the state sensitivity (one form, d×d E)."""
+
+    def __init__(self, coarse: CoarseProblem) -> None:
+        self.coarse = coarse
+        d, mesh = coarse.dim, coarse.mesh
+        self._direction = dolfinx.fem.Constant(mesh, np.zeros((d, d)))
+        v = ufl.TestFunction(coarse.space)
+        form = -ufl.inner(self._direction * ufl.grad(coarse.state), ufl.grad(v)) * ufl.dx(
+            domain=mesh
+        )
+        self._form = dolfinx.fem.form(form)
+        self._rhs = dolfinx.fem.petsc.create_vector(coarse.space)
+        self._solution = self._rhs.duplicate()
+        if coarse.parametrization == "entry":
+            i = coarse.entry_index
+            entries = [(i, i)]
+        else:
+            entries = [(a, b) for a in range(d) for b in range(d)]
+        self.directions = []
+        for a, b in entries:
+            direction = np.zeros((d, d))
+            direction[a, b] = 1.0
+            self.directions.append(direction)
+
+    def columns(self) -> np.ndarray:
+        """S at the owned dofs for the state last solved (the state KSP is factorised)."""
+        coarse = self.coarse
+        columns = []
+        for direction in self.directions:
+            self._direction.value[:] = direction
+            with self._rhs.localForm() as local:
+                local.set(0.0)
+            dolfinx.fem.petsc.assemble_vector(self._rhs, self._form)
+            self._rhs.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+            dolfinx.fem.petsc.set_bc(self._rhs, [coarse.bc], alpha=0.0)
+            coarse.state_ksp.solve(self._rhs, self._solution)
+            coarse._check_converged(coarse.state_ksp, "sensitivity")
+            columns.append(self._solution.array[: coarse.num_owned_dofs].copy())
+        return np.stack(columns, axis=1)
+
+    def destroy(self) -> None:
+        self._rhs.destroy()
+        self._solution.destroy()
+
+
+class LinearizedState(torch.autograd.Function):
+    """``y = y₀ + S (K̃ - K̃₀)`` at the owned dofs; backward ``S^T g`` summed over the ranks.
+
+    The lazy coarse update's surrogate of :class:`CoarseSolve`: like it, the gradient returned
+    for the replicated K̃ is the full (rank-reduced) one. Collective in backward.
+    """
+
+    @staticmethod
+    def forward(  # noqa: D102
+        ctx: Any,
+        K_tilde: torch.Tensor,
+        state: torch.Tensor,
+        sensitivity: torch.Tensor,
+        anchor: torch.Tensor,
+        comm: MPI.Comm,
+    ) -> torch.Tensor:
+        ctx.sensitivity = sensitivity
+        ctx.comm = comm
+        ctx.shape = K_tilde.shape
+        return state + sensitivity @ (K_tilde.reshape(-1) - anchor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
+        local = ctx.sensitivity.T @ grad
+        if ctx.comm.size > 1:
+            values = np.ascontiguousarray(local.detach().cpu().numpy(), dtype=np.float64)
+            total = np.empty_like(values)
+            ctx.comm.Allreduce(values, total, op=MPI.SUM)
+            local = torch.as_tensor(total, dtype=grad.dtype, device=grad.device)
+        return local.reshape(ctx.shape), None, None, None, None
 
 
 class CoarseSolve(torch.autograd.Function):
@@ -575,6 +747,20 @@ def coarse_solve(K_tilde: torch.Tensor, coarse: CoarseProblem) -> torch.Tensor:
 
 
 # -- collocation points ------------------------------------------------------------------------
+def sobol_points(lower: npt.ArrayLike, upper: npt.ArrayLike, count: int, seed: int) -> np.ndarray:
+    """The first ``count`` points of a scrambled Sobol' sequence over the box ``[lower, upper]``.
+
+    The same points on every rank for the same seed (the generator is seeded by ``(seed, 2)``);
+    a count that is not a power of 2 still gives a low-discrepancy prefix.
+    """
+    from scipy.stats import qmc
+
+    lower, upper = np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64)
+    sequence = qmc.Sobol(len(lower), scramble=True, seed=np.random.default_rng([seed, 2]))
+    unit = sequence.random_base2(max(0, math.ceil(math.log2(max(count, 1)))))[:count]
+    return lower + (upper - lower) * unit
+
+
 def _unit_simplex_samples(rng: np.random.Generator, count: int, vertices: int) -> np.ndarray:
     """Uniform barycentric coordinates ``(count, vertices)`` on a simplex (Dirichlet(1,..,1))."""
     exponential = -np.log1p(-rng.random((count, vertices)))
@@ -695,8 +881,6 @@ class CollocationPoints:
 
     def _sobol_points(self) -> tuple[np.ndarray, np.ndarray]:
         """The owned part of one scrambled Sobol' sequence over the bounding box (collective)."""
-        from scipy.stats import qmc
-
         tdim, mesh = self.dim, self.mesh
         num_owned = len(self._cell_vertices)
         local = mesh.geometry.x[:, :tdim]
@@ -707,12 +891,7 @@ class CollocationPoints:
         self.comm.Allreduce(MPI.IN_PLACE, upper, MPI.MAX)
         box_measure = float(np.prod(upper - lower))
         count = max(1, round(self.density * box_measure))
-        sequence = qmc.Sobol(tdim, scramble=True, seed=np.random.default_rng([self.seed, 2]))
-        # Not a power of 2: the first `count` points still have low discrepancy.
-        candidates = (
-            lower
-            + (upper - lower) * sequence.random_base2(max(0, math.ceil(math.log2(count))))[:count]
-        )
+        candidates = sobol_points(lower, upper, count, self.seed)
         padded = np.zeros((count, 3))
         padded[:, :tdim] = candidates
         tree = dolfinx.geometry.bb_tree(mesh, tdim, entities=np.arange(num_owned, dtype=np.int32))

@@ -45,7 +45,10 @@ __all__ = [
     "PetscMatMul",
     "allreduce_gradients",
     "allreduce_sum",
+    "default_delta",
+    "mesh_size",
     "upscaled_coefficient",
+    "upscaled_coefficient_from_gradient",
     "upscaled_tensor_from_gradients",
 ]
 
@@ -144,11 +147,36 @@ def upscaled_coefficient(
     x = x.detach().requires_grad_(True)
     values = network(x).reshape(-1)
     (gradient,) = torch.autograd.grad(values.sum(), x, create_graph=True)
-    shifted = gradient + torch.eye(problem.dim, dtype=x.dtype, device=x.device)[i]
-    K = problem.K_matrix(x.detach())
-    flux_i = torch.einsum("nj,nj->n", K[:, i, :], shifted)
-    local = flux_i.sum() * (measure / global_count)
-    return allreduce_sum(local, comm)
+    with torch.no_grad():
+        K_rows = problem.K_matrix(x.detach())[:, i, :]
+    return upscaled_coefficient_from_gradient(gradient, K_rows, measure / global_count, comm, i)
+
+
+def upscaled_coefficient_from_gradient(
+    gradient: torch.Tensor, K_rows: torch.Tensor, weight: float, comm: MPI.Comm, direction: int
+) -> torch.Tensor:
+    """(4.10) from the network's gradient at this rank's points (collective, differentiable).
+
+    ``K̃_ii = weight · Σ_r (K^ε(x_r)(∇v(x_r) + e_i))_i`` summed over the ranks, with
+    ``K_rows[r] = (K^ε(x_r))_{i,:}``; the hybrid objective passes the gradient of the jet it
+    already computed for the PDE rows, so K̃ costs no extra pass of the network.
+
+    Args:
+        gradient: ∇v at the points ``(N, d)``.
+        K_rows: Row i of K^ε at the points ``(N, d)`` (detached).
+        weight: The Monte-Carlo weight ``|Ω| / M`` (M the global point count).
+        comm: The communicator of the points.
+        direction: i.
+
+    Returns:
+        A 0-d tensor K̃_ii, the same on every rank.
+    """
+    shifted = (
+        gradient
+        + torch.eye(gradient.shape[1], dtype=gradient.dtype, device=gradient.device)[direction]
+    )
+    flux = torch.einsum("nj,nj->n", K_rows, shifted)
+    return allreduce_sum(flux.sum() * weight, comm)
 
 
 def upscaled_tensor_from_gradients(
@@ -180,6 +208,33 @@ def upscaled_tensor_from_gradients(
     T, F = sums[0].T, sums[1].T
     # K̃ T = F  ⇔  Tᵀ K̃ᵀ = Fᵀ.
     return torch.linalg.solve(T.T, F.T).T
+
+
+# -- the compression diameter -----------------------------------------------------------------
+def mesh_size(mesh: Any) -> float:
+    """The largest cell diameter h of a mesh (collective)."""
+    tdim = mesh.topology.dim
+    cells = np.arange(mesh.topology.index_map(tdim).size_local, dtype=np.int32)
+    local = float(mesh.h(tdim, cells).max()) if len(cells) else 0.0
+    return float(mesh.comm.allreduce(local, MPI.MAX))
+
+
+def default_delta(problem: MultiscaleProblem, h: float) -> float:
+    """The compression diameter δ: a whole number of periods, at least the mesh size h.
+
+    The paper takes δ = ε. A ball of diameter ε holds a number of collocation points that falls
+    like ε^d and, for a period vector with unequal entries (``paper_2d``: (2, 1)), covers only
+    part of a period along the longer axis, so Q̄v does not average the oscillation away. Here
+    δ is the smallest multiple of the longest period ``ε max(p)`` that is at least h (one
+    period when ε max(p) >= h): independent of ε for ε << h, ε itself for the paper's settings
+    with ε >= h. Without a period vector, δ = max(finest scale, h).
+    """
+    if not (math.isfinite(h) and h > 0):
+        raise ValueError(f"h must be a finite number > 0, got {h}")
+    if problem.period is None:
+        return max(problem.finest_scale, h)
+    period = problem.eps * max(problem.period)
+    return period * max(1, math.ceil(h / period - 1e-9))
 
 
 # -- PETSc matrix as a torch operation ---------------------------------------------------------
@@ -241,6 +296,94 @@ def _barycentric(points: np.ndarray, vertices: np.ndarray) -> np.ndarray:
     return np.concatenate([1.0 - lam.sum(axis=1, keepdims=True), lam], axis=1)
 
 
+def _exchange_halo(
+    comm: MPI.Comm,
+    d: int,
+    centres: np.ndarray,
+    radius: float,
+    points: np.ndarray,
+    dofs: np.ndarray,
+    lam: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The points of other ranks within ``radius`` of my ``centres``, with their P1 data."""
+    empty = (np.zeros((0, d)), np.zeros((0, d + 1), dtype=np.int64), np.zeros((0, d + 1)))
+    if comm.size == 1:
+        return empty
+    if len(centres):
+        box = np.stack([centres.min(axis=0) - radius, centres.max(axis=0) + radius])
+    else:
+        box = None
+    boxes = comm.allgather(box)
+    tree = cKDTree(centres) if len(centres) else None
+    outgoing = []
+    for rank, other in enumerate(boxes):
+        if rank == comm.rank or other is None or len(points) == 0:
+            outgoing.append(None)
+            continue
+        inside = np.all((points >= other[0]) & (points <= other[1]), axis=1)
+        outgoing.append((points[inside], dofs[inside], lam[inside]))
+    incoming = comm.alltoall(outgoing)
+    parts = [part for part in incoming if part is not None and len(part[0])]
+    if not parts:
+        return empty
+    halo = np.concatenate([p[0] for p in parts])
+    halo_dofs = np.concatenate([p[1] for p in parts])
+    halo_lam = np.concatenate([p[2] for p in parts])
+    # Keep only the points that some owned interior node will actually use.
+    assert tree is not None
+    distance, _ = tree.query(halo, k=1)
+    keep = distance <= radius * (1.0 + 1e-12)
+    return halo[keep], halo_dofs[keep], halo_lam[keep]
+
+
+def _state_matrix(
+    coarse: CoarseProblem,
+    layer_nodes: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    val: np.ndarray,
+    base: int,
+    cloud_dofs: np.ndarray,
+    cloud_lam: np.ndarray,
+) -> PETSc.Mat:
+    """The distributed PETSc matrix of ``y ↦ Q̄ y`` on P1 dof vectors."""
+    owned_global = coarse.owned_global_dofs.astype(np.int64)
+    from_cloud = col < base
+    # Cloud columns: P1 interpolation at the point, Σ_k λ_k e_{dof_k}.
+    r1 = np.repeat(row[from_cloud], cloud_dofs.shape[1])
+    c1 = cloud_dofs[col[from_cloud]].reshape(-1)
+    v1 = (val[from_cloud][:, None] * cloud_lam[col[from_cloud]]).reshape(-1)
+    # Boundary-layer columns: the nodal value of the state itself.
+    layer = ~from_cloud
+    r2 = row[layer]
+    c2 = owned_global[layer_nodes[col[layer] - base]]
+    v2 = val[layer]
+    rows = np.concatenate([r1, r2])
+    cols = np.concatenate([c1, c2])
+    vals = np.concatenate([v1, v2])
+    n = coarse.num_owned_dofs
+    order = np.lexsort((cols, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    # Sum duplicates (several points of a ball in one cell share dofs).
+    if len(rows):
+        new = np.ones(len(rows), dtype=bool)
+        new[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+        starts = np.flatnonzero(new)
+        vals = np.add.reduceat(vals, starts)
+        rows, cols = rows[starts], cols[starts]
+    indptr = np.zeros(n + 1, dtype=PETSc.IntType)
+    np.add.at(indptr, rows + 1, 1)
+    indptr = np.cumsum(indptr).astype(PETSc.IntType)
+    size = (n, coarse.num_global_dofs)
+    matrix = PETSc.Mat().createAIJ(
+        size=(size, size),
+        csr=(indptr, cols.astype(PETSc.IntType), vals.astype(PETSc.ScalarType)),
+        comm=coarse.comm,
+    )
+    matrix.assemble()
+    return matrix
+
+
 class CompressionOperator:
     """Q̄^D_δ of (3.26): network values at collocation points → values at the owned coarse nodes.
 
@@ -261,7 +404,8 @@ class CompressionOperator:
     Args:
         coarse: The coarse problem (nodes, layout, communicator).
         collocation: The interior collocation points (the same mesh as ``coarse``).
-        delta: The averaging diameter δ > 0 (default: ``problem.eps``).
+        delta: The averaging diameter δ > 0 (default: :func:`default_delta`, a whole number of
+            periods of at least the coarse mesh size).
         estimator: ``"mean"``: the plain mean of (3.26); ``"linear"``: the mean corrected with
             the coordinates as control variates (the intercept of a local least-squares linear
             fit), which estimates the same ball average, reproduces linear functions exactly
@@ -288,7 +432,7 @@ class CompressionOperator:
             raise ValueError(
                 f"collocation: points of dimension {collocation.dim} for a {d}D problem"
             )
-        delta = problem.eps if delta is None else float(delta)
+        delta = default_delta(problem, mesh_size(coarse.mesh)) if delta is None else float(delta)
         if not (math.isfinite(delta) and delta > 0):
             raise ValueError(f"delta must be a finite number > 0, got {delta}")
         if estimator not in ("mean", "linear"):
@@ -317,8 +461,8 @@ class CompressionOperator:
         owned_points = collocation.interior
         owned_cells = collocation.interior_cells
         dofs_global, lam = self._point_dofs(owned_points, owned_cells)
-        halo_points, halo_dofs, halo_lam = self._exchange_halo(
-            nodes[interior_nodes], radius, owned_points, dofs_global, lam
+        halo_points, halo_dofs, halo_lam = _exchange_halo(
+            self.comm, d, nodes[interior_nodes], radius, owned_points, dofs_global, lam
         )
         self.num_owned_points = len(owned_points)
         self.num_halo_points = len(halo_points)
@@ -330,6 +474,42 @@ class CompressionOperator:
 
         # -- rows ------------------------------------------------------------------------------
         cloud = np.concatenate([owned_points, halo_points])
+        rows, cols, vals, counts = self._ball_rows(
+            cloud, nodes, interior_nodes, radius, tol, min_points
+        )
+        base = len(cloud)
+        rows.append(layer_nodes)
+        cols.append(base + np.arange(len(layer_nodes)))
+        vals.append(np.ones(len(layer_nodes)))
+        self.points_per_node = counts
+        row = np.concatenate(rows).astype(np.int64)
+        col = np.concatenate(cols).astype(np.int64)
+        val = np.concatenate(vals)
+        self._coo = (row, col, val)
+        self._matrices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        # -- Q̄ applied to P1 functions, as a distributed PETSc matrix (for variant (2.16)) ----
+        cloud_dofs = np.concatenate([dofs_global, halo_dofs]) if base else np.zeros((0, d + 1))
+        cloud_lam = np.concatenate([lam, halo_lam]) if base else np.zeros((0, d + 1))
+        self._state_matrix = _state_matrix(
+            coarse, layer_nodes, row, col, val, base, cloud_dofs, cloud_lam
+        )
+
+    # -- construction helpers ----------------------------------------------------------------
+    def _ball_rows(
+        self,
+        cloud: np.ndarray,
+        nodes: np.ndarray,
+        interior_nodes: np.ndarray,
+        radius: float,
+        tol: float,
+        min_points: int,
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """The rows of the interior nodes: the points in each ball and their weights.
+
+        Raises:
+            ValueError: on every rank, when some node's ball holds fewer than ``min_points``.
+        """
         tree = cKDTree(cloud) if len(cloud) else None
         rows, cols, vals = [], [], []
         counts = np.zeros(len(nodes), dtype=np.int64)
@@ -345,10 +525,9 @@ class CompressionOperator:
             if len(members) < min_points:
                 too_few.append(node)
                 continue
-            weights = self._weights(cloud[members], nodes[node])
             rows.append(np.full(len(members), node))
             cols.append(members)
-            vals.append(weights)
+            vals.append(self._weights(cloud[members], nodes[node]))
         missing = int(self.comm.allreduce(len(too_few), MPI.SUM))
         if missing:
             least = int(
@@ -359,23 +538,8 @@ class CompressionOperator:
                 f"collocation points within delta/2 = {radius:g} (fewest: {least}); raise the "
                 "point density or delta"
             )
-        base = len(cloud)
-        rows.append(layer_nodes)
-        cols.append(base + np.arange(len(layer_nodes)))
-        vals.append(np.ones(len(layer_nodes)))
-        self.points_per_node = counts
-        row = np.concatenate(rows).astype(np.int64)
-        col = np.concatenate(cols).astype(np.int64)
-        val = np.concatenate(vals)
-        self._coo = (row, col, val)
-        self._matrices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        return rows, cols, vals, counts
 
-        # -- Q̄ applied to P1 functions, as a distributed PETSc matrix (for variant (2.16)) ----
-        cloud_dofs = np.concatenate([dofs_global, halo_dofs]) if base else np.zeros((0, d + 1))
-        cloud_lam = np.concatenate([lam, halo_lam]) if base else np.zeros((0, d + 1))
-        self._state_matrix = self._build_state_matrix(row, col, val, base, cloud_dofs, cloud_lam)
-
-    # -- construction helpers ----------------------------------------------------------------
     def _weights(self, members: np.ndarray, centre: np.ndarray) -> np.ndarray:
         n = len(members)
         weights = np.full(n, 1.0 / n)
@@ -400,91 +564,6 @@ class CompressionOperator:
         index_map = space.dofmap.index_map
         global_dofs = index_map.local_to_global(cell_dofs.reshape(-1).astype(np.int32))
         return global_dofs.reshape(cell_dofs.shape).astype(np.int64), lam
-
-    def _exchange_halo(
-        self,
-        centres: np.ndarray,
-        radius: float,
-        points: np.ndarray,
-        dofs: np.ndarray,
-        lam: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        comm = self.comm
-        d = self.coarse.dim
-        empty = (np.zeros((0, d)), np.zeros((0, d + 1), dtype=np.int64), np.zeros((0, d + 1)))
-        if comm.size == 1:
-            return empty
-        if len(centres):
-            box = np.stack([centres.min(axis=0) - radius, centres.max(axis=0) + radius])
-        else:
-            box = None
-        boxes = comm.allgather(box)
-        tree = cKDTree(centres) if len(centres) else None
-        outgoing = []
-        for rank, other in enumerate(boxes):
-            if rank == comm.rank or other is None or len(points) == 0:
-                outgoing.append(None)
-                continue
-            inside = np.all((points >= other[0]) & (points <= other[1]), axis=1)
-            outgoing.append((points[inside], dofs[inside], lam[inside]))
-        incoming = comm.alltoall(outgoing)
-        parts = [part for part in incoming if part is not None and len(part[0])]
-        if not parts:
-            return empty
-        halo = np.concatenate([p[0] for p in parts])
-        halo_dofs = np.concatenate([p[1] for p in parts])
-        halo_lam = np.concatenate([p[2] for p in parts])
-        # Keep only the points that some owned interior node will actually use.
-        assert tree is not None
-        distance, _ = tree.query(halo, k=1)
-        keep = distance <= radius * (1.0 + 1e-12)
-        return halo[keep], halo_dofs[keep], halo_lam[keep]
-
-    def _build_state_matrix(
-        self,
-        row: np.ndarray,
-        col: np.ndarray,
-        val: np.ndarray,
-        base: int,
-        cloud_dofs: np.ndarray,
-        cloud_lam: np.ndarray,
-    ) -> PETSc.Mat:
-        coarse = self.coarse
-        owned_global = coarse.owned_global_dofs.astype(np.int64)
-        from_cloud = col < base
-        # Cloud columns: P1 interpolation at the point, Σ_k λ_k e_{dof_k}.
-        r1 = np.repeat(row[from_cloud], cloud_dofs.shape[1])
-        c1 = cloud_dofs[col[from_cloud]].reshape(-1)
-        v1 = (val[from_cloud][:, None] * cloud_lam[col[from_cloud]]).reshape(-1)
-        # Boundary-layer columns: the nodal value of the state itself.
-        layer = ~from_cloud
-        r2 = row[layer]
-        c2 = owned_global[self.layer_nodes[col[layer] - base]]
-        v2 = val[layer]
-        rows = np.concatenate([r1, r2])
-        cols = np.concatenate([c1, c2])
-        vals = np.concatenate([v1, v2])
-        n = coarse.num_owned_dofs
-        order = np.lexsort((cols, rows))
-        rows, cols, vals = rows[order], cols[order], vals[order]
-        # Sum duplicates (several points of a ball in one cell share dofs).
-        if len(rows):
-            new = np.ones(len(rows), dtype=bool)
-            new[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
-            starts = np.flatnonzero(new)
-            vals = np.add.reduceat(vals, starts)
-            rows, cols = rows[starts], cols[starts]
-        indptr = np.zeros(n + 1, dtype=PETSc.IntType)
-        np.add.at(indptr, rows + 1, 1)
-        indptr = np.cumsum(indptr).astype(PETSc.IntType)
-        size = (n, coarse.num_global_dofs)
-        matrix = PETSc.Mat().createAIJ(
-            size=(size, size),
-            csr=(indptr, cols.astype(PETSc.IntType), vals.astype(PETSc.ScalarType)),
-            comm=coarse.comm,
-        )
-        matrix.assemble()
-        return matrix
 
     # -- application -----------------------------------------------------------------------
     @property
@@ -549,6 +628,11 @@ class CompressionOperator:
         matrix, transpose = self._csr_pair(values.device)
         return _SparseMatVec.apply(values, matrix, transpose)
 
+    def matmul(self, dense: torch.Tensor) -> torch.Tensor:
+        """``Q @ dense`` for a dense ``(num_columns, k)`` tensor (e.g. a Jacobian), not tracked."""
+        matrix, _ = self._csr_pair(dense.device)
+        return matrix @ dense
+
     def evaluate(self, network: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``Q̄ v`` for a network, evaluated at :meth:`points` on its parameters' device."""
         try:
@@ -591,7 +675,7 @@ class CouplingTerm:
 
     Args:
         compression: The compression operator (it carries the coarse problem).
-        tau2: The weight τ₂ > 0.
+        tau2: The weight τ₂ > 0 (:meth:`R` is the term without it).
         weights: ``"uniform"`` (``w_i = |Ω| / N_h`` with N_h the global node count, so R
             approximates an L² norm squared) or a positive float used for every node.
         compress_state: Use variant (2.16).
@@ -605,7 +689,7 @@ class CouplingTerm:
         weights: Literal["uniform"] | float = "uniform",
         compress_state: bool = False,
     ) -> None:
-        if not (math.isfinite(tau2) and tau2 > 0):
+        if not (isinstance(tau2, (int, float)) and math.isfinite(tau2) and tau2 > 0):
             raise ValueError(f"tau2 must be a finite number > 0, got {tau2}")
         coarse = compression.coarse
         if weights == "uniform":
@@ -620,15 +704,24 @@ class CouplingTerm:
         self.weight = weight
         self.compress_state = bool(compress_state)
 
+    def target(self, state_owned: torch.Tensor) -> torch.Tensor:
+        """ŷ at the owned nodes: y_h (2.10) or Q̄y_h (2.16) (collective with (2.16))."""
+        return self.compression.compress_state(state_owned) if self.compress_state else state_owned
+
+    def rows(self, compressed_values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The unweighted-by-τ₂ rows ``√w (Q̄v - ŷ)`` at the owned nodes (R is their ‖·‖²)."""
+        return math.sqrt(self.weight) * (compressed_values - target)
+
+    def R(self, compressed_values: torch.Tensor, state_owned: torch.Tensor) -> torch.Tensor:
+        """R of (3.25) without τ₂ (collective; the same value on every rank)."""
+        rows = self.rows(compressed_values, self.target(state_owned))
+        return allreduce_sum(torch.sum(rows * rows), self.coarse.comm)
+
     def from_state(
         self, compressed_values: torch.Tensor, state_owned: torch.Tensor
     ) -> torch.Tensor:
         """``τ₂ R`` from ``Q̄v`` and y_h at the owned nodes (collective; replicated result)."""
-        target = (
-            self.compression.compress_state(state_owned) if self.compress_state else state_owned
-        )
-        local = self.tau2 * self.weight * torch.sum((compressed_values - target) ** 2)
-        return allreduce_sum(local, self.coarse.comm)
+        return self.tau2 * self.R(compressed_values, state_owned)
 
     def __call__(self, values: torch.Tensor, K_tilde: torch.Tensor) -> torch.Tensor:
         """``τ₂ R(y_h(K̃), Q̄v)`` with gradients through both ``values`` and ``K_tilde``.

@@ -43,7 +43,6 @@ on torch tensors (differentiable).
 from __future__ import annotations
 
 import inspect
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ import numpy.typing as npt
 import torch
 import ufl
 
+from dolfinx_pinn.ksp import DIRECT, create_ksp, solve_linear, unique_prefix
 from dolfinx_pinn.problems import MultiscaleProblem, math_namespace
 
 __all__ = [
@@ -77,13 +77,6 @@ __all__ = [
     "voigt_reuss_bounds",
     "warm_start_two_scale",
 ]
-
-_DEFAULT_SOLVER_OPTIONS = {
-    "ksp_type": "preonly",
-    "pc_type": "lu",
-    "pc_factor_mat_solver_type": "mumps",
-}
-_instance_counter = itertools.count()
 
 
 # -- lattice P1 functions ----------------------------------------------------------------------
@@ -339,16 +332,8 @@ def _flux(coefficient: Any, vector: Any) -> Any:
 def _make_ksp(
     comm: MPI.Comm, operator: PETSc.Mat, prefix: str, options: dict[str, Any] | None
 ) -> PETSc.KSP:
-    ksp = PETSc.KSP().create(comm)
-    ksp.setOperators(operator)
-    ksp.setOptionsPrefix(prefix)
-    database = PETSc.Options()
-    for key, value in {**_DEFAULT_SOLVER_OPTIONS, **(options or {})}.items():
-        database[f"{prefix}{key}"] = value
-    ksp.setFromOptions()
-    for key in {**_DEFAULT_SOLVER_OPTIONS, **(options or {})}:
-        database.delValue(f"{prefix}{key}")
-    return ksp
+    """A KSP with the package's precedence (:mod:`dolfinx_pinn.ksp`), MUMPS LU by default."""
+    return create_ksp(comm, operator, prefix, options, DIRECT)
 
 
 # -- cell problems -----------------------------------------------------------------------------
@@ -390,6 +375,86 @@ class CellSolution:
         return self.lattice.gradient(y)
 
 
+def _cell_coefficient(
+    coefficient: MultiscaleProblem | Callable[..., Any],
+    dim: int | None,
+    cell_lengths: Sequence[float] | None,
+    locally_periodic: bool,
+) -> tuple[int, np.ndarray, Callable[..., Any], Callable[..., Any]]:
+    """The cell's dimension and edge lengths, and a(y) (or a(x, y)) for UFL and numpy.
+
+    A periodic problem gives ``a(y) = K(ε y)`` on the box of its period vector; a plain
+    definition ``a(y, m)`` (``a(x, y, m)`` when locally periodic) is evaluated through the
+    package's math namespaces.
+    """
+    if isinstance(coefficient, MultiscaleProblem):
+        problem = coefficient
+        if problem.period is None:
+            raise ValueError(f"coefficient: problem {problem.name!r} has no period vector")
+        if locally_periodic:
+            raise ValueError("locally_periodic: a MultiscaleProblem defines a periodic a(y)")
+        if dim is not None and dim != problem.dim:
+            raise ValueError(f"dim = {dim} does not match the problem's dimension {problem.dim}")
+        lengths = np.asarray(problem.period, dtype=np.float64)
+        if cell_lengths is not None and not np.allclose(cell_lengths, lengths):
+            raise ValueError(
+                f"cell_lengths {list(cell_lengths)} differ from the problem's period "
+                f"{lengths.tolist()}"
+            )
+        eps = problem.eps
+
+        def ufl_coefficient(y: Any, x: Any) -> Any:
+            return problem.K(eps * y)
+
+        def numpy_coefficient(y: np.ndarray, x: Any) -> np.ndarray:
+            return problem.K(eps * y)
+
+        dim = problem.dim
+    elif callable(coefficient):
+        if dim not in (1, 2, 3):
+            raise ValueError(f"dim must be 1, 2 or 3 for a plain coefficient definition, got {dim}")
+        lengths = (
+            np.ones(dim) if cell_lengths is None else np.asarray(cell_lengths, dtype=np.float64)
+        )
+        if lengths.shape != (dim,) or not np.all(np.isfinite(lengths) & (lengths > 0)):
+            raise ValueError(
+                f"cell_lengths must be {dim} finite positive numbers, got {cell_lengths}"
+            )
+        expected = 3 if locally_periodic else 2
+        try:
+            parameters = len(inspect.signature(coefficient).parameters)
+        except (TypeError, ValueError):
+            parameters = expected
+        if parameters != expected:
+            raise ValueError(
+                f"coefficient: expected a definition with {expected} arguments "
+                f"({'a(x, y, m)' if locally_periodic else 'a(y, m)'}), got {parameters}"
+            )
+        definition = coefficient
+
+        def ufl_coefficient(y: Any, x: Any) -> Any:
+            components = tuple(y[j] for j in range(dim))
+            args = (
+                (tuple(x[j] for j in range(dim)), components) if locally_periodic else (components,)
+            )
+            return _evaluate_definition(definition, args, "ufl", None)
+
+        def numpy_coefficient(y: np.ndarray, x: Any) -> np.ndarray:
+            components = tuple(y[:, j] for j in range(dim))
+            if locally_periodic:
+                slow = tuple(np.full(len(y), x[j]) for j in range(dim))
+                args: tuple[Any, ...] = (slow, components)
+            else:
+                args = (components,)
+            return _evaluate_definition(definition, args, "numpy", y[:, 0])
+    else:
+        raise ValueError(
+            "coefficient must be a MultiscaleProblem or a callable definition, got "
+            f"{type(coefficient)}"
+        )
+    return int(dim), lengths, ufl_coefficient, numpy_coefficient  # type: ignore[arg-type]
+
+
 class CellProblem:
     """The periodic cell problems [HS 2.5] on ``Y = [0, p_1] x ... x [0, p_d]`` with P1 elements.
 
@@ -424,77 +489,9 @@ class CellProblem:
         quadrature_degree: int | None = None,
         petsc_options: dict[str, Any] | None = None,
     ) -> None:
-        if isinstance(coefficient, MultiscaleProblem):
-            problem = coefficient
-            if problem.period is None:
-                raise ValueError(f"coefficient: problem {problem.name!r} has no period vector")
-            if locally_periodic:
-                raise ValueError("locally_periodic: a MultiscaleProblem defines a periodic a(y)")
-            if dim is not None and dim != problem.dim:
-                raise ValueError(
-                    f"dim = {dim} does not match the problem's dimension {problem.dim}"
-                )
-            lengths = np.asarray(problem.period, dtype=np.float64)
-            if cell_lengths is not None and not np.allclose(cell_lengths, lengths):
-                raise ValueError(
-                    f"cell_lengths {list(cell_lengths)} differ from the problem's period "
-                    f"{lengths.tolist()}"
-                )
-            eps = problem.eps
-
-            def ufl_coefficient(y: Any, x: Any) -> Any:
-                return problem.K(eps * y)
-
-            def numpy_coefficient(y: np.ndarray, x: Any) -> np.ndarray:
-                return problem.K(eps * y)
-
-            dim = problem.dim
-        elif callable(coefficient):
-            if dim not in (1, 2, 3):
-                raise ValueError(
-                    f"dim must be 1, 2 or 3 for a plain coefficient definition, got {dim}"
-                )
-            lengths = (
-                np.ones(dim) if cell_lengths is None else np.asarray(cell_lengths, dtype=np.float64)
-            )
-            if lengths.shape != (dim,) or not np.all(np.isfinite(lengths) & (lengths > 0)):
-                raise ValueError(
-                    f"cell_lengths must be {dim} finite positive numbers, got {cell_lengths}"
-                )
-            expected = 3 if locally_periodic else 2
-            try:
-                parameters = len(inspect.signature(coefficient).parameters)
-            except (TypeError, ValueError):
-                parameters = expected
-            if parameters != expected:
-                raise ValueError(
-                    f"coefficient: expected a definition with {expected} arguments "
-                    f"({'a(x, y, m)' if locally_periodic else 'a(y, m)'}), got {parameters}"
-                )
-            definition = coefficient
-
-            def ufl_coefficient(y: Any, x: Any) -> Any:
-                components = tuple(y[j] for j in range(dim))
-                args = (
-                    (tuple(x[j] for j in range(dim)), components)
-                    if locally_periodic
-                    else (components,)
-                )
-                return _evaluate_definition(definition, args, "ufl", None)
-
-            def numpy_coefficient(y: np.ndarray, x: Any) -> np.ndarray:
-                components = tuple(y[:, j] for j in range(dim))
-                if locally_periodic:
-                    slow = tuple(np.full(len(y), x[j]) for j in range(dim))
-                    args: tuple[Any, ...] = (slow, components)
-                else:
-                    args = (components,)
-                return _evaluate_definition(definition, args, "numpy", y[:, 0])
-        else:
-            raise ValueError(
-                "coefficient must be a MultiscaleProblem or a callable definition, got "
-                f"{type(coefficient)}"
-            )
+        dim, lengths, ufl_coefficient, numpy_coefficient = _cell_coefficient(
+            coefficient, dim, cell_lengths, locally_periodic
+        )
         if quadrature_degree is not None and not (
             isinstance(quadrature_degree, int) and quadrature_degree >= 1
         ):
@@ -509,7 +506,7 @@ class CellProblem:
         self.locally_periodic = locally_periodic
         self._numpy_coefficient = numpy_coefficient
         self._petsc_options = dict(petsc_options or {})
-        self._prefix = f"dolfinx_pinn_cell_{next(_instance_counter)}_"
+        self._prefix = unique_prefix("cell")
         self.volume = float(np.prod(lengths))
 
         self.mesh = _create_box_mesh(comm, np.zeros(self.dim), lengths, self.counts)
@@ -790,10 +787,10 @@ def solve_homogenized(
     a0 = dolfinx.fem.Constant(mesh, 0.5 * (tensor + tensor.T))
     w, v = ufl.TrialFunction(space), ufl.TestFunction(space)
     x = ufl.SpatialCoordinate(mesh)
-    bilinear = dolfinx.fem.form(ufl.inner(ufl.dot(a0, ufl.grad(w)), ufl.grad(v)) * ufl.dx)
+    bilinear = ufl.inner(ufl.dot(a0, ufl.grad(w)), ufl.grad(v)) * ufl.dx
     # A zero Constant keeps the form non-empty when q is the literal 0 (e.g. laminate_2d).
     source = problem.q(x) + dolfinx.fem.Constant(mesh, 0.0)
-    linear = dolfinx.fem.form(source * v * ufl.dx)
+    linear = source * v * ufl.dx
     direction = problem.lifting_direction
     boundary_data = dolfinx.fem.Function(space)
     boundary_data.interpolate(lambda points: points[direction])
@@ -803,27 +800,9 @@ def solve_homogenized(
     dofs = dolfinx.fem.locate_dofs_topological(space, tdim - 1, facets)
     bc = dolfinx.fem.dirichletbc(boundary_data, dofs)
     solution = dolfinx.fem.Function(space, name="w0")
-    matrix = dolfinx.fem.petsc.assemble_matrix(bilinear, bcs=[bc])
-    matrix.assemble()
-    rhs = dolfinx.fem.petsc.assemble_vector(linear)
-    dolfinx.fem.petsc.apply_lifting(rhs, [bilinear], bcs=[[bc]])
-    rhs.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-    dolfinx.fem.petsc.set_bc(rhs, [bc])
-    ksp = _make_ksp(
-        comm, matrix, f"dolfinx_pinn_homogenized_{next(_instance_counter)}_", petsc_options
+    return solve_linear(
+        bilinear, linear, [bc], "homogenized", petsc_options, DIRECT, solution=solution
     )
-    try:
-        ksp.solve(rhs, solution.x.petsc_vec)
-        if ksp.getConvergedReason() < 0:
-            raise RuntimeError(
-                f"homogenised problem: PETSc solve failed ({ksp.getConvergedReason()})"
-            )
-    finally:
-        ksp.destroy()
-        matrix.destroy()
-        rhs.destroy()
-    solution.x.scatter_forward()
-    return solution
 
 
 class TwoScaleApproximation:
@@ -1142,6 +1121,35 @@ class WarmStartResult:
     approximation: TwoScaleApproximation
 
 
+def _warm_start_loss(
+    net: torch.nn.Module,
+    approximation: TwoScaleApproximation,
+    points: np.ndarray,
+    gradient_weight: float,
+) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor], float]:
+    """The value misfit, the (relative, discrete H1) loss and the target's norm of the fit."""
+    target = torch.as_tensor(approximation(points), dtype=torch.float64)
+    x = torch.as_tensor(points, dtype=torch.float64)
+    target_gradient = torch.as_tensor(approximation.gradient(points), dtype=torch.float64)
+    norm = float(torch.linalg.norm(target))
+    gradient_scale = float((target_gradient**2).sum(dim=1).mean())
+
+    def misfit() -> torch.Tensor:
+        return net(x).reshape(-1) - target
+
+    def loss_function() -> torch.Tensor:
+        if gradient_weight == 0:
+            return (misfit() ** 2).mean() / (norm**2 / len(target))
+        points_with_grad = x.clone().requires_grad_(True)
+        value = net(points_with_grad).reshape(-1)
+        (gradient,) = torch.autograd.grad(value.sum(), points_with_grad, create_graph=True)
+        value_term = ((value - target) ** 2).mean() / (norm**2 / len(target))
+        gradient_term = ((gradient - target_gradient) ** 2).sum(dim=1).mean() / gradient_scale
+        return value_term + gradient_weight * gradient_term
+
+    return misfit, loss_function, norm
+
+
 def warm_start_two_scale(
     net: torch.nn.Module,
     problem: MultiscaleProblem,
@@ -1201,25 +1209,7 @@ def warm_start_two_scale(
             problem.domain.sample_boundary(boundary_count, rng),
         ]
     )
-    target = torch.as_tensor(approximation(points), dtype=torch.float64)
-    x = torch.as_tensor(points, dtype=torch.float64)
-    target_gradient = torch.as_tensor(approximation.gradient(points), dtype=torch.float64)
-    norm = float(torch.linalg.norm(target))
-    gradient_scale = float((target_gradient**2).sum(dim=1).mean())
-
-    def misfit() -> torch.Tensor:
-        return net(x).reshape(-1) - target
-
-    def loss_function() -> torch.Tensor:
-        if gradient_weight == 0:
-            return (misfit() ** 2).mean() / (norm**2 / len(target))
-        points_with_grad = x.clone().requires_grad_(True)
-        value = net(points_with_grad).reshape(-1)
-        (gradient,) = torch.autograd.grad(value.sum(), points_with_grad, create_graph=True)
-        value_term = ((value - target) ** 2).mean() / (norm**2 / len(target))
-        gradient_term = ((gradient - target_gradient) ** 2).sum(dim=1).mean() / gradient_scale
-        return value_term + gradient_weight * gradient_term
-
+    misfit, loss_function, norm = _warm_start_loss(net, approximation, points, gradient_weight)
     with torch.no_grad():
         initial = float(torch.linalg.norm(misfit())) / norm
     optimizer = torch.optim.LBFGS(

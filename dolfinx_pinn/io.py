@@ -27,6 +27,8 @@ from mpi4py import MPI
 import dolfinx
 import numpy as np
 
+from dolfinx_pinn.history import History
+
 __all__ = [
     "METRIC_KEYS",
     "fine_output_mesh",
@@ -147,6 +149,30 @@ def _gather_nodes(function: dolfinx.fem.Function) -> tuple[np.ndarray, np.ndarra
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+def _positive(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The points of ``(x, y)`` with a finite, positive y (what a log axis can show)."""
+    x = np.asarray(x, dtype=float)
+    y = np.asarray([np.nan if v is None else v for v in y], dtype=float)
+    keep = np.isfinite(y) & (y > 0)
+    return x[keep], y[keep]
+
+
+def _log_plot(axis: Any, x: Any, y: Any, *args: Any, **kwargs: Any) -> bool:
+    """``semilogy`` of the positive values only (zeros and missing values left out)."""
+    x, y = _positive(x, y)
+    if len(y) == 0:
+        return False
+    axis.semilogy(x, y, *args, **kwargs)
+    return True
+
+
+def _field_axes(figure: Any, axis: Any, image: Any, label: str) -> None:
+    axis.set_xlabel("$x_1$")
+    axis.set_ylabel("$x_2$")
+    axis.set_aspect("equal")
+    figure.colorbar(image, ax=axis, label=label)
+
+
 def write_figures(solver: Any, fields: dict[str, Any], folder: Path) -> list[Path]:
     """Solution/compression, error and history figures (off-screen; collective)."""
     gathered = {
@@ -161,9 +187,26 @@ def write_figures(solver: Any, fields: dict[str, Any], folder: Path) -> list[Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dim = solver.problem.dim
     written = []
-    if dim == 1:
+    for name, draw in (
+        ("solution", _solution_figure),
+        ("error", _error_figure),
+        ("history", _history_figure),
+    ):
+        figure = draw(plt, solver, gathered)
+        if figure is None:
+            continue
+        path = folder / f"{name}.png"
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _solution_figure(plt: Any, solver: Any, gathered: dict[str, Any]) -> Any:
+    """The network, the coarse state and the compression (1D), or the two fields (2D)."""
+    if solver.problem.dim == 1:
         figure, axis = plt.subplots(figsize=(7, 4))
         for key, style, label in (
             ("network", "-", "network $v_\\theta$"),
@@ -175,73 +218,77 @@ def write_figures(solver: Any, fields: dict[str, Any], folder: Path) -> list[Pat
             step = max(1, len(order) // 120) if key != "network" else 1
             axis.plot(x[order, 0][::step], v[order][::step], style, ms=3, lw=0.8, label=label)
         axis.set_xlabel("$x$")
+        axis.set_ylabel("$u$")
         axis.legend()
         axis.set_title(f"{solver.problem.name}: fine network and coarse state")
+        return figure
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    titles = {"network": "network $v_\\theta$", "y_h": "coarse state $y_h$"}
+    for axis, key in zip(axes, ("network", "y_h"), strict=True):
+        x, v = gathered[key]
+        image = axis.tricontourf(x[:, 0], x[:, 1], v, levels=30)
+        _field_axes(figure, axis, image, "$u$")
+        axis.set_title(titles[key])
+    return figure
+
+
+def _error_figure(plt: Any, solver: Any, gathered: dict[str, Any]) -> Any:
+    """The pointwise error against the reference (None without one)."""
+    if "error" not in gathered:
+        return None
+    x, e = gathered["error"]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    if solver.problem.dim == 1:
+        order = np.argsort(x[:, 0])
+        _log_plot(axis, x[order, 0], np.abs(e[order]), lw=0.8)
+        axis.set_xlabel("$x$")
+        axis.set_ylabel("$|v_\\theta - u|$")
     else:
-        figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for axis, key in zip(axes, ("network", "y_h"), strict=True):
-            x, v = gathered[key]
-            image = axis.tricontourf(x[:, 0], x[:, 1], v, levels=30)
-            figure.colorbar(image, ax=axis)
-            axis.set_title(key)
-            axis.set_aspect("equal")
-    path = folder / "solution.png"
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    written.append(path)
+        image = axis.tricontourf(x[:, 0], x[:, 1], e, levels=30)
+        _field_axes(figure, axis, image, "$v_\\theta - u$")
+    axis.set_title("pointwise error")
+    return figure
 
-    if "error" in gathered:
-        x, e = gathered["error"]
-        figure, axis = plt.subplots(figsize=(7, 4))
-        if dim == 1:
-            order = np.argsort(x[:, 0])
-            axis.semilogy(x[order, 0], np.abs(e[order]) + 1e-300, lw=0.8)
-            axis.set_xlabel("$x$")
-            axis.set_ylabel("$|v_\\theta - u|$")
-        else:
-            image = axis.tricontourf(x[:, 0], x[:, 1], e, levels=30)
-            figure.colorbar(image, ax=axis)
-            axis.set_aspect("equal")
-        axis.set_title("pointwise error")
-        path = folder / "error.png"
-        figure.tight_layout()
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        written.append(path)
 
+def _history_figure(plt: Any, solver: Any, gathered: dict[str, Any]) -> Any:
+    """The loss terms and the errors against the iterations."""
     history = solver.history
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     steps = history.get("step", [])
+    plotted = False
     for key in ("loss", "pde", "boundary", "coupling", "R"):
         if history.get(key):
-            values = np.abs(np.asarray(history[key], dtype=float)) + 1e-300
-            axes[0].semilogy(steps, values, label=key, lw=0.8)
+            values = [None if v is None else abs(v) for v in history[key]]
+            plotted |= _log_plot(axes[0], steps, values, label=key, lw=0.8)
     axes[0].set_xlabel("iteration")
+    axes[0].set_ylabel("loss term")
     axes[0].set_title("loss terms")
-    axes[0].legend()
+    if plotted:
+        axes[0].legend()
     if history.get("l2"):
-        axes[1].semilogy(history["eval_step"], history["l2"], "o-", label="rel. $L^2$")
-        axes[1].semilogy(history["eval_step"], history["h1"], "s-", label="rel. $H^1$")
+        _log_plot(axes[1], history["eval_step"], history["l2"], "o-", label="rel. $L^2$")
+        _log_plot(axes[1], history["eval_step"], history["h1"], "s-", label="rel. $H^1$")
         axes[1].legend()
     axes[1].set_xlabel("iteration")
+    axes[1].set_ylabel("relative error")
     axes[1].set_title("errors against the reference")
-    path = folder / "history.png"
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    written.append(path)
-    return written
+    return figure
 
 
 def write_history_csv(history: dict[str, Any], path: Path) -> None:
-    """One row per step with every per-step list, and ``l2``/``h1`` where evaluated."""
+    """One row per step with every per-step list, and ``l2``/``h1`` where evaluated.
+
+    A value a step does not have (e.g. ``damping`` of an Adam step) is an empty cell.
+    """
     steps = history.get("step", [])
-    columns = [
-        key
-        for key, value in history.items()
-        if isinstance(value, list) and len(value) == len(steps) and key != "step"
-    ]
+    if isinstance(history, History):
+        columns = [key for key in history.step_keys() if key != "step"]
+    else:
+        columns = [
+            key
+            for key, value in history.items()
+            if isinstance(value, list) and len(value) == len(steps) and key != "step"
+        ]
     evaluations = dict(
         zip(history.get("eval_step", []), zip(history.get("l2", []), history.get("h1", [])))
     )
@@ -250,7 +297,8 @@ def write_history_csv(history: dict[str, Any], path: Path) -> None:
         writer.writerow(["step", *columns, "l2", "h1"])
         for index, step in enumerate(steps):
             l2, h1 = evaluations.get(step, (math.nan, math.nan))
-            writer.writerow([step, *(history[key][index] for key in columns), l2, h1])
+            cells = ("" if history[key][index] is None else history[key][index] for key in columns)
+            writer.writerow([step, *cells, l2, h1])
 
 
 def _json_safe(value: Any) -> Any:

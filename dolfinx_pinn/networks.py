@@ -728,6 +728,25 @@ class TwoScaleNet(_JetNetwork):
         )
 
 
+_JVP_LOADED = False
+
+
+def load_forward_mode() -> None:
+    """Load torch's forward-mode (jvp) decompositions once, without their deprecation warning.
+
+    ``torch.func.jacfwd`` imports ``torch._decomp.decompositions_for_jvp`` on first use, which
+    calls the deprecated ``torch.jit.script`` and warns; the warning is torch's, not the
+    user's, so it is silenced here.
+    """
+    global _JVP_LOADED
+    if _JVP_LOADED:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+    _JVP_LOADED = True
+
+
 def _distance_jet(
     distance: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -741,6 +760,7 @@ def _distance_jet(
 
     value = torch.func.vmap(single)(x)
     gradient = torch.func.vmap(torch.func.jacrev(single))(x)  # (N, d)
+    load_forward_mode()
     hessian = torch.func.vmap(torch.func.jacfwd(torch.func.jacrev(single)))(x)  # (N, d, d)
     tangents = _input_jet(x, directions)  # (N, r, d)
     grad = (tangents @ gradient.unsqueeze(-1))[..., 0]

@@ -14,22 +14,30 @@ iteration; the dict holds at least ``"loss"``). Build them by name with :func:`m
   Optional variable projection re-solves the output layer (in which the rows are affine) by
   linear least squares before every step.
 
-MPI: every rank may hold its own rows. The only cross-rank quantities of the normal-equations
-form are the sums ``JᵀJ``, ``Jᵀr`` and ``‖r‖²``; they all pass through
-``LeastSquaresObjective.allreduce`` (identity by default; e.g. an ``MPI.SUM`` allreduce of the
-tensor), so that the step is identical on all ranks. The Gram and QR forms need all rows on one
-rank (serial only).
+Every optimizer has ``settings()`` (what a checkpoint compares), ``state_dict()`` and
+``load_state_dict()`` (what it restores), like ``torch.optim``; the training loop
+(:mod:`dolfinx_pinn.training`) calls ``step()`` and keeps the records.
+
+MPI: every rank may hold its own rows. ``LeastSquaresObjective.losses()`` are global sums (an
+allreduce with the identity as backward, so ``backward()`` gives this rank's share and
+``reduce_gradients()`` the full gradient); the only other cross-rank quantities are the sums
+``JᵀJ``, ``Jᵀr`` and ``‖r‖²`` of the normal-equations form and the gradient norms of the loss
+balancing. They all pass through ``LeastSquaresObjective.allreduce`` (identity by default; e.g.
+an ``MPI.SUM`` allreduce of the tensor), so that the step is identical on all ranks. The Gram
+and QR forms need all rows on one rank (serial, or an objective that gathers the rows).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from dolfinx_pinn.exceptions import NonFiniteLoss
 from dolfinx_pinn.residual import ResidualBlock, parameter_names
 
 __all__ = [
@@ -81,9 +89,26 @@ class LeastSquaresObjective:
         """The number P of trainable scalars."""
         return sum(p.numel() for p in self.parameters)
 
+    @property
+    def term_names(self) -> list[str]:
+        """The names of the loss terms, in order."""
+        return [block.name for block in self.blocks]
+
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of ``value`` over the ranks, differentiable with the identity as backward."""
+        return _GlobalSum.apply(value, self.allreduce) if self.distributed else value
+
     def losses(self) -> dict[str, torch.Tensor]:
-        """Each block's loss ``‖r_i‖²`` (differentiable; local rows only, not reduced)."""
-        return {block.name: block.loss(self.model) for block in self.blocks}
+        """Each block's loss ``‖r_i‖²`` over all ranks (differentiable; see the module doc)."""
+        return {block.name: self.global_sum(block.loss(self.model)) for block in self.blocks}
+
+    def reduce_gradients(self) -> None:
+        """Sum the parameters' ``.grad`` over the ranks after ``backward()`` (collective)."""
+        if not self.distributed:
+            return
+        for p in self.parameters:
+            grad = torch.zeros_like(p) if p.grad is None else p.grad
+            p.grad = self.allreduce(grad.detach()).to(p.dtype).reshape(p.shape).clone()
 
     def loss_value(self) -> float:
         """The total loss ``Σ_i ‖r_i‖²`` over all ranks, without a graph. Collective."""
@@ -141,6 +166,18 @@ class LeastSquaresObjective:
         return torch.cat(columns)
 
 
+class _GlobalSum(torch.autograd.Function):
+    """``allreduce(value)`` forward, identity backward: each rank's backward is its share."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, allreduce: Callable) -> torch.Tensor:
+        return allreduce(value.detach()).to(value.dtype).reshape(value.shape).clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 class LossBalancer:
     """Gradient-norm loss balancing, Algorithm 1 of Wang et al. (2023), "An expert's guide".
 
@@ -164,47 +201,87 @@ class LossBalancer:
 
     @staticmethod
     def gradient_norms(
-        losses: dict[str, torch.Tensor], parameters: Sequence[torch.Tensor]
+        losses: dict[str, torch.Tensor],
+        parameters: Sequence[torch.Tensor],
+        allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, float]:
-        """``‖∇_θ L_i‖`` for each term (the graphs are kept)."""
+        """``‖∇_θ L_i‖`` for each term (the graphs are kept).
+
+        Args:
+            losses: The terms (global sums whose backward gives this rank's share).
+            parameters: θ.
+            allreduce: Sums this rank's share of each gradient over the ranks before the norm
+                is taken (collective; identity by default).
+        """
         norms = {}
         for name, loss in losses.items():
             grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
-            squared = sum(float((g * g).sum()) for g in grads if g is not None)
-            norms[name] = math.sqrt(squared)
+            flat = torch.cat(
+                [
+                    torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                    if g is None
+                    else g.reshape(-1)
+                    for p, g in zip(parameters, grads, strict=True)
+                ]
+            )
+            if allreduce is not None:
+                flat = allreduce(flat.detach())
+            norms[name] = float(torch.linalg.vector_norm(flat))
         return norms
 
     def update_from_norms(self, norms: dict[str, float]) -> dict[str, float]:
-        """One update of the weights from gradient norms; returns the new weights."""
-        total = sum(norms.values())
-        for name in self.names:
-            norm = norms[name]
-            # A term with zero gradient keeps its weight (the formula would divide by zero).
-            if norm > 0.0 and math.isfinite(total / norm):
-                target = total / norm
-                self.weights[name] = self.alpha * self.weights[name] + (1 - self.alpha) * target
+        """One update of the weights from gradient norms; returns the new weights.
+
+        Only terms with a nonzero gradient take part (a term switched off, such as the coupling
+        at τ2 = 0, keeps its weight); with fewer than two such terms nothing changes.
+        """
+        active = {name: norm for name, norm in norms.items() if norm > 0.0 and math.isfinite(norm)}
+        if len(active) < 2:
+            return dict(self.weights)
+        total = sum(active.values())
+        for name, norm in active.items():
+            target = total / norm
+            self.weights[name] = self.alpha * self.weights[name] + (1 - self.alpha) * target
         return dict(self.weights)
 
     def update(
-        self, step: int, losses: dict[str, torch.Tensor], parameters: Sequence[torch.Tensor]
+        self,
+        step: int,
+        losses: dict[str, torch.Tensor],
+        parameters: Sequence[torch.Tensor],
+        allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """Update the weights if ``step`` is a multiple of ``every``; return them."""
         if step % self.every == 0 and len(self.names) > 1:
-            self.update_from_norms(self.gradient_norms(losses, parameters))
+            self.update_from_norms(self.gradient_norms(losses, parameters, allreduce))
         return dict(self.weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The weights."""
+        return {"weights": dict(self.weights)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the weights."""
+        self.weights = dict(state["weights"])
 
 
 class Adam:
     """Adam with the paper's step decay ``lr(step) = lr0 · rate^⌊step/decay_steps⌋``.
 
+    One step: the objective's (global) loss terms, the loss-balancing weights every
+    ``balance_every`` steps from gradient norms reduced over the ranks, ``backward()`` of the
+    weighted sum, the gradient summed over the ranks, and ``torch.optim.Adam``'s update.
+
     Args:
         objective: The objective.
-        lr: The initial learning rate (the paper: 5e-4; 1e-3 for the 2D MLP).
-        decay_rate: The factor per ``decay_steps`` (0.75).
-        decay_steps: Steps per decay (1000).
+        lr: The initial learning rate (the paper: 5e-4; 1e-3 for the 2D MLP), > 0.
+        decay_rate: The factor per ``decay_steps`` (0.75), in (0, 1].
+        decay_steps: Steps per decay (1000), >= 1.
         betas: Adam's β (0.9, 0.999).
-        balancing: A :class:`LossBalancer`, ``True`` for the paper's (α = 0.9 every 100
-            steps), or ``None``/``False`` for unit weights.
+        balancing: A :class:`LossBalancer`, ``True`` for the paper's (α = ``balance_alpha``
+            every ``balance_every`` steps), or ``None``/``False`` for unit weights.
+        balance_every: Steps between balancing updates (100), >= 1.
+        balance_alpha: The balancing moving-average factor α in [0, 1) (0.9).
     """
 
     def __init__(
@@ -215,45 +292,81 @@ class Adam:
         decay_steps: int = 1000,
         betas: tuple[float, float] = (0.9, 0.999),
         balancing: LossBalancer | bool | None = None,
+        balance_every: int = 100,
+        balance_alpha: float = 0.9,
     ) -> None:
-        if not (math.isfinite(lr) and lr > 0):
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {lr}")
-        if not 0 < decay_rate <= 1:
+        if not (isinstance(decay_rate, (int, float)) and 0 < decay_rate <= 1):
             raise ValueError(f"decay_rate must lie in (0, 1], got {decay_rate}")
-        if not (isinstance(decay_steps, int) and decay_steps >= 1):
-            raise ValueError(f"decay_steps must be an integer >= 1, got {decay_steps!r}")
+        _check_int("decay_steps", decay_steps, 1)
         self.objective = objective
-        self.optimizer = torch.optim.Adam(objective.parameters, lr=lr, betas=betas)
+        self.lr, self.decay_rate, self.decay_steps = float(lr), float(decay_rate), int(decay_steps)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.optimizer = torch.optim.Adam(objective.parameters, lr=lr, betas=self.betas)
+        rate, every = self.decay_rate, self.decay_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: decay_rate ** (step // decay_steps)
+            self.optimizer, lambda step: rate ** (step // every)
         )
         if balancing is True:
-            balancing = LossBalancer([block.name for block in objective.blocks])
+            balancing = LossBalancer(objective.term_names, alpha=balance_alpha, every=balance_every)
         self.balancer = balancing or None
         self.iteration = 0
 
+    def settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share."""
+        balancer = self.balancer
+        return {
+            "lr": self.lr,
+            "decay_rate": self.decay_rate,
+            "decay_steps": self.decay_steps,
+            "betas": list(self.betas),
+            "balancing": None if balancer is None else [balancer.alpha, balancer.every],
+        }
+
     def step(self) -> dict[str, Any]:
         """One Adam step on ``Σ λ_i L_i``; returns the loss (unweighted), terms, lr, weights."""
-        losses = self.objective.losses()
+        objective = self.objective
+        losses = objective.losses()
         if self.balancer is not None:
-            weights = self.balancer.update(self.iteration, losses, self.objective.parameters)
+            weights = self.balancer.update(
+                self.iteration,
+                losses,
+                objective.parameters,
+                objective.allreduce if objective.distributed else None,
+            )
         else:
             weights = dict.fromkeys(losses, 1.0)
+        terms = {name: float(loss.detach()) for name, loss in losses.items()}
+        for name, value in terms.items():
+            if not math.isfinite(value):
+                raise NonFiniteLoss(name, value)
         total = sum(weights[name] * loss for name, loss in losses.items())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        # The sum over ranks of the local gradients (identity in serial).
-        for p in self.objective.parameters:
-            if p.grad is not None:
-                p.grad.copy_(self.objective.allreduce(p.grad))
+        objective.reduce_gradients()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.iteration += 1
-        terms = {
-            name: float(self.objective.allreduce(loss.detach())) for name, loss in losses.items()
-        }
         return {"loss": sum(terms.values()), "terms": terms, "lr": lr, "weights": weights}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Adam's moments, the schedule's position, the balancing weights, the iteration."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "balancer": None if self.balancer is None else self.balancer.state_dict(),
+            "iteration": self.iteration,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.balancer is not None and state["balancer"] is not None:
+            self.balancer.load_state_dict(state["balancer"])
+        self.iteration = int(state["iteration"])
 
 
 class LBFGS:
@@ -273,7 +386,10 @@ class LBFGS:
         max_iter: int = 20,
         history_size: int = 50,
     ) -> None:
+        _check_int("max_iter", max_iter, 1)
+        _check_int("history_size", history_size, 1)
         self.objective = objective
+        self._settings = {"lr": float(lr), "max_iter": max_iter, "history_size": history_size}
         self.optimizer = torch.optim.LBFGS(
             objective.parameters,
             lr=lr,
@@ -284,24 +400,31 @@ class LBFGS:
             line_search_fn="strong_wolfe",
         )
 
+    def settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share."""
+        return dict(self._settings)
+
     def step(self) -> dict[str, Any]:
-        """``max_iter`` L-BFGS iterations; returns the loss afterwards and its terms."""
+        """``max_iter`` L-BFGS iterations; returns the loss afterwards."""
+        objective = self.objective
 
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=True)
-            loss = sum(self.objective.losses().values())
+            loss = sum(objective.losses().values())
             loss.backward()
-            for p in self.objective.parameters:
-                if p.grad is not None:
-                    p.grad.copy_(self.objective.allreduce(p.grad))
-            return self.objective.allreduce(loss.detach())
+            objective.reduce_gradients()
+            return loss.detach()
 
         self.optimizer.step(closure)
-        terms = {
-            name: float(self.objective.allreduce(loss.detach()))
-            for name, loss in self.objective.losses().items()
-        }
-        return {"loss": sum(terms.values()), "terms": terms}
+        return {"loss": objective.loss_value()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The curvature pairs and counters of ``torch.optim.LBFGS``."""
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class GaussNewton:
@@ -328,6 +451,12 @@ class GaussNewton:
         max_rejections: Trial steps per :meth:`step` before giving up.
         min_damping: Lower bound of the relative damping.
         rcond: Relative singular-value cut-off of the variable-projection least squares.
+        memory_limit: Bytes the dense linear algebra of a step may take (default: half the
+            memory available when the optimizer is built). ``"auto"`` takes QR when it fits, else
+            the Gram/Woodbury form with fewer rows than parameters, else the normal equations;
+            a form that does not fit raises a ``MemoryError`` that names the sizes before any
+            allocation (the 8×64 MLP has 29 000 parameters: QR of ``[J; √λ D]`` would need
+            14 GB, the Gram form with 500 rows a few MB).
     """
 
     FORMS = ("auto", "normal", "gram", "qr")
@@ -341,13 +470,16 @@ class GaussNewton:
         max_rejections: int = 12,
         min_damping: float = 1e-15,
         rcond: float = 1e-14,
+        memory_limit: float | None = None,
     ) -> None:
-        if not (math.isfinite(damping) and damping > 0):
+        if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
             raise ValueError(f"damping must be a finite number > 0, got {damping}")
         if form not in self.FORMS:
             raise ValueError(f"form must be one of {self.FORMS}, got {form!r}")
         if variable_projection and not all(b.affine_in_output for b in objective.blocks):
             raise ValueError("variable_projection: every block must be affine in the output layer")
+        _check_int("max_rejections", max_rejections, 1)
+        self.memory_limit = _memory_limit(memory_limit)
         self.objective = objective
         self.relative_damping = self.initial_damping = float(damping)
         self.max_damping = 1e12
@@ -359,11 +491,71 @@ class GaussNewton:
         self._growth = 2.0
         self.iteration = 0
 
+    def settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share."""
+        return {
+            "damping": self.initial_damping,
+            "form": self.form,
+            "variable_projection": self.variable_projection,
+            "max_rejections": self.max_rejections,
+            "min_damping": self.min_damping,
+            "rcond": self.rcond,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The damping and its growth factor (Nielsen's rule), the iteration."""
+        return {
+            "relative_damping": self.relative_damping,
+            "growth": self._growth,
+            "iteration": self.iteration,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.relative_damping = float(state["relative_damping"])
+        self._growth = float(state["growth"])
+        self.iteration = int(state["iteration"])
+
+    def choose_form(self, rows: int, columns: int) -> str:
+        """The linear-algebra form of a step with ``rows`` × ``columns`` (see ``memory_limit``).
+
+        Raises:
+            MemoryError: when the form asked for (or every form, for ``"auto"``) exceeds the
+                limit; the message names the sizes and what to change.
+        """
+        serial = not self.objective.distributed or getattr(self.objective, "gathered", False)
+        # float64 bytes: the Jacobian, its scaled copy and the form's own matrices.
+        jacobian = 2 * rows * columns * 8
+        need = {
+            "qr": jacobian + 3 * (rows + columns) * columns * 8,
+            "gram": jacobian + 3 * rows * rows * 8,
+            "normal": jacobian + 3 * columns * columns * 8,
+        }
+        if self.form != "auto":
+            order = [self.form]
+        elif serial:
+            order = ["qr", "gram", "normal"] if rows < columns else ["qr", "normal"]
+        else:
+            order = ["normal"]
+        for form in order:
+            if form == "gram" and rows >= columns:
+                form = "normal"
+            if need[form] <= self.memory_limit:
+                return form
+        best = min(order, key=lambda f: need[f])
+        raise MemoryError(
+            f"Gauss-Newton: a step with {rows} rows and {columns} parameters needs "
+            f"{need[best] / 2**30:.1f} GiB in the {best!r} form, above the limit of "
+            f"{self.memory_limit / 2**30:.1f} GiB; use fewer points (points.n_interior) or a "
+            "smaller network, the 'projection' optimizer, or raise memory_limit"
+        )
+
     def _project_output_layer(self, r: torch.Tensor, J: torch.Tensor) -> None:
         """Replace the output layer by the least-squares optimum (rows are affine in it)."""
         objective = self.objective
         columns = objective.output_columns()
-        form = "normal" if objective.distributed else "qr"
+        serial = not objective.distributed or getattr(objective, "gathered", False)
+        form = "qr" if serial else "normal"
         change = output_layer_change(objective, r, J[:, columns], form, self.rcond, ridge=1e-13)
         _apply_output_change(objective, columns, change, float(objective.allreduce(r @ r)))
 
@@ -404,16 +596,17 @@ class GaussNewton:
         objective = self.objective
         r, J = objective.residual_and_jacobian()
         if not bool(torch.isfinite(J).all() and torch.isfinite(r).all()):
-            raise FloatingPointError("Gauss-Newton: the residual or its Jacobian is not finite")
+            raise NonFiniteLoss("Gauss-Newton residual or Jacobian", "NaN or inf")
         if self.variable_projection:
             self._project_output_layer(r, J)
             r, J = objective.residual_and_jacobian()
         rows_total = int(objective.allreduce(torch.tensor(float(r.shape[0]))))
-        form = self.form
-        if form == "auto":
-            form = "normal" if objective.distributed else "qr"
-        if form in ("gram", "qr") and objective.distributed:
-            raise ValueError(f"form={form!r} needs all rows on one rank; use 'normal' under MPI")
+        gathered = getattr(objective, "gathered", False)
+        if self.form in ("gram", "qr") and objective.distributed and not gathered:
+            raise ValueError(
+                f"form={self.form!r} needs all rows on one rank; use 'normal' under MPI"
+            )
+        form = self.choose_form(rows_total, J.shape[1])
         if form == "gram" and rows_total >= J.shape[1]:
             form = "normal"
         loss = float(objective.allreduce(r @ r))
@@ -514,7 +707,7 @@ def output_layer_change(
         return -torch.cholesky_solve(rhs.unsqueeze(1), factor)[:, 0] / scale
     if form != "qr":
         raise ValueError(f"form must be 'normal' or 'qr', got {form!r}")
-    if objective.distributed:
+    if objective.distributed and not getattr(objective, "gathered", False):
         raise ValueError("form='qr' needs all rows on one rank; use 'normal' under MPI")
     driver = "gelsy" if phi.device.type == "cpu" else None
     solution = torch.linalg.lstsq(phi / scale, -r.unsqueeze(1), rcond=rcond, driver=driver).solution
@@ -578,9 +771,10 @@ class OutputLayerProjection:
     ) -> None:
         if form not in self.FORMS:
             raise ValueError(f"form must be one of {self.FORMS}, got {form!r}")
+        serial = not objective.distributed or getattr(objective, "gathered", False)
         if form == "auto":
-            form = "normal" if objective.distributed else "qr"
-        if form == "qr" and objective.distributed:
+            form = "qr" if serial else "normal"
+        if form == "qr" and not serial:
             raise ValueError("form='qr' needs all rows on one rank; use 'normal' under MPI")
         if not (math.isfinite(ridge) and ridge >= 0):
             raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
@@ -600,6 +794,19 @@ class OutputLayerProjection:
         mask[self._columns] = False
         self._hidden = mask
         self._cache: dict[str, Any] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share."""
+        return {"form": self.form, "ridge": self.ridge, "rcond": self.rcond}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The iteration (the cached Jacobian is recomputed after a resume)."""
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.iteration = int(state["iteration"])
+        self._cache = None
 
     def _fixed_part(self) -> dict[str, Any]:
         """The cached output-layer Jacobian of the fixed blocks (recomputed if θ_hidden moved)."""
@@ -639,13 +846,13 @@ class OutputLayerProjection:
                     gram = gram + objective.allreduce(phi_block.T @ phi_block)
         r, phi = torch.cat(rows), torch.cat(phis)
         if not bool(torch.isfinite(r).all() and torch.isfinite(phi).all()):
-            raise FloatingPointError("projection: the residual or its Jacobian is not finite")
+            raise NonFiniteLoss("projection residual or Jacobian", "NaN or inf")
         before = float(objective.allreduce(r @ r))
         change = output_layer_change(
             objective, r, phi, self.form, self.rcond, self.ridge, gram=gram
         )
         if not bool(torch.isfinite(change).all()):
-            raise FloatingPointError("projection: the least-squares solution is not finite")
+            raise NonFiniteLoss("projection least-squares solution", "NaN or inf")
         loss = _apply_output_change(objective, self._columns, change, before)
         self.iteration += 1
         return {
@@ -667,8 +874,30 @@ def _column_scale_from_norms(squared_norms: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 1e-300 + 1e-12 * largest, norms, torch.ones_like(norms))
 
 
-def _column_scale(gram: torch.Tensor) -> torch.Tensor:
-    return _column_scale_from_norms(torch.diagonal(gram).clamp_min(0.0))
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def available_memory() -> int:
+    """The memory available to this process in bytes (Linux ``MemAvailable``; else 8 GiB)."""
+    try:
+        with open("/proc/meminfo") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def _memory_limit(limit: float | None) -> float:
+    if limit is None:
+        override = os.environ.get("DOLFINX_PINN_MEMORY_LIMIT")
+        return float(override) if override else 0.5 * available_memory()
+    if not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit > 0):
+        raise ValueError(f"memory_limit must be a number of bytes > 0, got {limit!r}")
+    return float(limit)
 
 
 OPTIMIZERS: dict[str, type] = {

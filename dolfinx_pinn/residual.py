@@ -52,18 +52,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from dolfinx_pinn.networks import record_linear_maps
+from dolfinx_pinn.networks import load_forward_mode, record_linear_maps
 from dolfinx_pinn.problems import MultiscaleProblem
 
 __all__ = [
     "DERIVATIVE_METHODS",
     "BoundaryBlock",
+    "EmptyBlock",
     "PDEBlock",
     "ResidualBlock",
     "derivatives",
     "outer_product_jacobian",
     "parameter_names",
     "pde_residual",
+    "residual_from_jet",
     "resolve_method",
     "stack_blocks",
 ]
@@ -124,6 +126,7 @@ def derivatives(
     if method == "jet_compiled":
         return model.compiled_jet(x, full_hessian=full_hessian)  # type: ignore[operator]
     if method == "func":
+        load_forward_mode()
 
         def single(point: torch.Tensor) -> torch.Tensor:
             return _scalar_output(model, point.unsqueeze(0)).reshape(())
@@ -173,9 +176,10 @@ def _coefficient_data(
     return K, drift, f
 
 
-def _residual_from_jet(
+def residual_from_jet(
     jet: Jet, K: torch.Tensor, drift: torch.Tensor, f: torch.Tensor, is_tensor: bool
 ) -> torch.Tensor:
+    """``-(K : ∇²v + (∇·K)·∇v) - f`` from a jet ``(v, ∇v, Δv or ∇²v)`` and the point data."""
     _, gradient, second = jet
     flux_divergence = (drift * gradient).sum(dim=1)
     if is_tensor:
@@ -183,6 +187,9 @@ def _residual_from_jet(
     else:
         flux_divergence = flux_divergence + K * second
     return -flux_divergence - f
+
+
+_residual_from_jet = residual_from_jet  # the former private name
 
 
 def pde_residual(
@@ -198,7 +205,7 @@ def pde_residual(
     """
     K, drift, f = _coefficient_data(problem, x)
     jet = derivatives(model, x, method, full_hessian=problem.is_tensor)
-    return _residual_from_jet(jet, K, drift, f, problem.is_tensor)
+    return residual_from_jet(jet, K, drift, f, problem.is_tensor)
 
 
 def _check_strategy(strategy: str) -> str:
@@ -456,27 +463,42 @@ class PDEBlock(_PointwiseBlock):
     def _data(self) -> tuple[torch.Tensor, ...]:
         return (self.K, self.drift, self.f)
 
-    def _rows(
+    def rows_and_jet(
+        self, model: nn.Module, x: torch.Tensor | None = None, f: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Jet]:
+        """The weighted rows and the network's jet at the points (one derivative pass).
+
+        The hybrid objective reuses the jet for K̃ (4.10) and the compression Q̄v.
+
+        Args:
+            model: The network.
+            x: The points (default the block's; must be the block's points or a view of them).
+            f: Another right-hand side at the points (e.g. of another lifting direction).
+        """
+        x = self.points if x is None else x
+        f = self.f if f is None else f
+        rows, jet = self._residual(model, x, self.method, self.K, self.drift, f)
+        return self.weight * rows, jet
+
+    def _residual(
         self,
         model: nn.Module,
         x: torch.Tensor,
+        method: str,
         K: torch.Tensor,
         drift: torch.Tensor,
         f: torch.Tensor,
-    ) -> torch.Tensor:
-        jet = derivatives(model, x, self.method, full_hessian=self.problem.is_tensor)
-        return _residual_from_jet(jet, K, drift, f, self.problem.is_tensor)
+    ) -> tuple[torch.Tensor, Jet]:
+        jet = derivatives(model, x, method, full_hessian=self.problem.is_tensor)
+        return residual_from_jet(jet, K, drift, f, self.problem.is_tensor), jet
+
+    def _rows(self, model: nn.Module, x: torch.Tensor, *data: torch.Tensor) -> torch.Tensor:
+        return self._residual(model, x, self.method, *data)[0]
 
     def _rows_for_jacobian(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        K: torch.Tensor,
-        drift: torch.Tensor,
-        f: torch.Tensor,
+        self, model: nn.Module, x: torch.Tensor, *data: torch.Tensor
     ) -> torch.Tensor:
-        jet = derivatives(model, x, "jet", full_hessian=self.problem.is_tensor)
-        return _residual_from_jet(jet, K, drift, f, self.problem.is_tensor)
+        return self._residual(model, x, "jet", *data)[0]
 
     def _vmap_jacobian(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         # Nested autograd cannot run under vmap; torch.func computes the same derivatives. The
@@ -535,6 +557,35 @@ class BoundaryBlock(_PointwiseBlock):
         self, model: nn.Module, x: torch.Tensor, target: torch.Tensor
     ) -> torch.Tensor:
         return model.jet(x)[0] - target  # type: ignore[operator]
+
+
+class EmptyBlock(ResidualBlock):
+    """A block without rows on this rank (e.g. no boundary points here, but on other ranks).
+
+    Every rank must hold the same blocks, in the same order, for the collective sums.
+
+    Args:
+        name: The name of the loss term.
+        dtype: The rows' dtype.
+        device: The rows' device.
+    """
+
+    fixed_output_jacobian = True
+
+    def __init__(
+        self, name: str, dtype: torch.dtype = torch.float64, device: torch.device | None = None
+    ) -> None:
+        self.name = name
+        self.dtype, self.device = dtype, device
+
+    def values(self, model: nn.Module) -> torch.Tensor:  # noqa: D102
+        parameter = next(model.parameters())
+        return parameter.reshape(-1)[:0] * 0.0
+
+    def jacobian(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
+        count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        kw = {"dtype": self.dtype, "device": self.device}
+        return torch.zeros(0, **kw), torch.zeros(0, count, **kw)
 
 
 def stack_blocks(

@@ -111,15 +111,14 @@ def test_tiny_run_writes_every_file(mpi_tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    """Every configuration in demos/configs passes validation."""
-    from pathlib import Path
+    """Every configuration shipped with the package (dolfinx_pinn/configs) passes validation."""
+    from dolfinx_pinn.cli import config_names
 
-    folder = Path(__file__).resolve().parents[1] / "demos" / "configs"
-    paths = sorted(folder.glob("*.toml"))
-    assert paths
-    for path in paths:
-        config = load_config(path)
-        assert config["optimizer"]["steps"] >= 1, path
+    names = config_names()
+    assert "paper_1d_two_scale" in names and "heat_2d" in names
+    for name in names:
+        config = load_config(name)
+        assert config["optimizer"]["steps"] >= 1, name
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,14 @@
 """Fine-scale references: the FE solve against the closed form, K̃, Algorithm 4.1, errors."""
 
+import copy
+import functools
+import itertools
 import math
+import os
+import subprocess
+import sys
+import time
+import tracemalloc
 
 from mpi4py import MPI
 
@@ -10,7 +18,15 @@ import scipy.integrate
 import torch
 from dolfinx import fem
 
-from dolfinx_pinn.problems import laminate_2d, paper_1d, paper_2d, quasi_periodic_1d
+from dolfinx_pinn import reference
+from dolfinx_pinn.problems import (
+    Box,
+    MultiscaleProblem,
+    laminate_2d,
+    paper_1d,
+    paper_2d,
+    quasi_periodic_1d,
+)
 from dolfinx_pinn.reference import (
     box_partition,
     default_fine_resolution,
@@ -297,3 +313,319 @@ def test_bad_input_is_named():
         upscaled_tensor(laminate, [first])
     with pytest.raises(ValueError, match="blocks"):
         box_partition(laminate, first.function_space.mesh, 0)
+
+
+# -- exact_1d at any ε -----------------------------------------------------------------------------
+# The paper's problem in closed form, independently of the package's quadrature. With w = 1/K,
+# K = 2 + sin(2πx/ε), θ = 2πx/ε and κ = ε/2π: w = 1/√3 + ψ' with the periodic ψ = κ Ψ(θ),
+# Ψ = Φ - θ/√3, Φ(θ) = ∫_0^θ dθ'/(2 + sin θ') (an arctan of tan(θ/2)); ψ = ψ̄ + χ' with the
+# periodic χ = κ² X(θ), X = ∫_0^θ (Ψ - Ψ̄); χ = χ̄ + ω' with ω = O(κ³). Integrating by parts
+# with Q = 3x - 3x², q = 3 - 6x, q' = -6 and R = ∫_0^x Q:
+#     J1 = ∫_0^x w = x/√3 + ψ(x),
+#     J2 = ∫_0^x Q w = R/√3 + Q (ψ - ψ̄) - q χ + q' (χ̄ x + ω(x)),
+# exact (q'' = 0 ends the expansion), with ω = κ³ ∫_0^θ (X - X̄). At x = 1 (1/ε an integer) the
+# periodic terms vanish, so K̃ = c - ∫Q = √3 (1 - 6 χ̄) = √3 (1 - 6 κ² X̄) for every such ε.
+_SQRT3 = math.sqrt(3.0)
+_QUAD = {"epsabs": 1e-14, "epsrel": 1e-12, "limit": 200}
+
+
+def _Phi(theta: float) -> float:
+    """∫_0^θ dθ'/(2 + sin θ') for θ in [0, 2π]."""
+    if theta == math.pi:
+        return 2.0 * math.pi / (3.0 * _SQRT3)
+    value = (2.0 / _SQRT3) * (math.atan((2.0 * math.tan(0.5 * theta) + 1.0) / _SQRT3) - math.pi / 6)
+    return value + 2.0 * math.pi / _SQRT3 if theta > math.pi else value
+
+
+def _Psi(theta: float) -> float:
+    return _Phi(theta) - theta / _SQRT3
+
+
+@functools.cache
+def _cell_means() -> tuple[float, float]:
+    """Ψ̄ and X̄ = (1/2π) ∫_0^{2π} (2π - θ)(Ψ - Ψ̄) dθ, the means of Ψ and X over a period."""
+    two_pi = 2.0 * math.pi
+    psi_mean = scipy.integrate.quad(_Psi, 0.0, two_pi, points=[math.pi], **_QUAD)[0] / two_pi
+    x_mean = (
+        scipy.integrate.quad(
+            lambda t: (two_pi - t) * (_Psi(t) - psi_mean), 0.0, two_pi, points=[math.pi], **_QUAD
+        )[0]
+        / two_pi
+    )
+    return psi_mean, x_mean
+
+
+def _X(theta: float) -> float:
+    """X(θ) = ∫_0^θ (Ψ - Ψ̄), split where the arctan form of Φ changes branch."""
+    psi_mean = _cell_means()[0]
+    inner = [0.0, theta] if theta <= math.pi else [0.0, math.pi, theta]
+    return sum(
+        scipy.integrate.quad(lambda t: _Psi(t) - psi_mean, lo, hi, **_QUAD)[0]
+        for lo, hi in itertools.pairwise(inner)
+    )
+
+
+def _paper_two_scale(eps: float, x: float) -> tuple[float, float]:
+    """J1(x) and J2(x) of ``paper_1d(eps)`` by the closed form above (ω included)."""
+    psi_mean, x_mean = _cell_means()
+    kappa = eps / (2.0 * math.pi)
+    theta = 2.0 * math.pi * (x / eps - math.floor(x / eps))
+    psi, chi = kappa * _Psi(theta), kappa**2 * _X(theta)
+    # ω is multiplied by κ³ < 1e-5: a loose tolerance suffices (and the inner quad is noisy).
+    omega = kappa**3 * scipy.integrate.quad(lambda t: _X(t) - x_mean, 0.0, theta, epsabs=1e-10)[0]
+    Q, R, q = 3.0 * x - 3.0 * x * x, 1.5 * x * x - x**3, 3.0 - 6.0 * x
+    J1 = x / _SQRT3 + psi
+    J2 = R / _SQRT3 + Q * (psi - kappa * psi_mean) - q * chi - 6.0 * (kappa**2 * x_mean * x + omega)
+    return J1, J2
+
+
+def _paper_K_tilde(eps: float) -> float:
+    """K̃ of ``paper_1d(eps)`` in closed form, for 1/ε an integer."""
+    return _SQRT3 * (1.0 - 6.0 * (eps / (2.0 * math.pi)) ** 2 * _cell_means()[1])
+
+
+def test_two_scale_closed_form_is_right():
+    """The closed form's pieces against plain quadrature: Φ, and u at ε = 1/15 (few periods)."""
+    for theta in (0.3, 2.0, math.pi, 4.0, 6.0):
+        integral = scipy.integrate.quad(lambda t: 1.0 / (2.0 + math.sin(t)), 0.0, theta, **_QUAD)
+        assert abs(_Phi(theta) - integral[0]) < 1e-14
+    eps, x = 1 / 15, 0.4321
+    K = lambda t: 2.0 + math.sin(2 * math.pi * t / eps)  # noqa: E731
+    points = np.linspace(0.0, x, 8 * 7 + 1)[1:-1].tolist()
+    options = {**_QUAD, "limit": 500, "points": points}
+    J1 = scipy.integrate.quad(lambda t: 1.0 / K(t), 0.0, x, **options)[0]
+    J2 = scipy.integrate.quad(lambda t: (3 * t - 3 * t * t) / K(t), 0.0, x, **options)[0]
+    closed = _paper_two_scale(eps, x)
+    assert abs(closed[0] - J1) < 1e-14 and abs(closed[1] - J2) < 1e-14
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-5])
+def test_exact_1d_small_eps_against_closed_form(eps):
+    """At ε = 1e-3 and 1e-5 (10^5 periods) c, K̃, u and u' equal the closed form to 1e-12."""
+    exact = exact_1d(paper_1d(eps))
+    assert exact.algorithm == "periodic"
+    J1_b, J2_b = _paper_two_scale(eps, 1.0)
+    c = (1.0 + J2_b) / J1_b
+    assert _rel(exact.c, c) < 1e-13
+    assert abs(exact.K_tilde - (c - 0.5)) < 1e-13
+    assert abs(exact.K_tilde - _paper_K_tilde(eps)) < 1e-13
+    x = np.array([0.0, 1.234567e-6, 0.1234567, 0.5, 0.87654321, 1.0 - 3.3e-6, 1.0])
+    expected = [c * J1 - J2 - t for t in x for J1, J2 in [_paper_two_scale(eps, t)]]
+    np.testing.assert_allclose(exact.u(x), expected, rtol=0, atol=1e-12)
+    Q = 3 * x - 3 * x * x
+    expected_du = (c - Q) / (2.0 + np.sin(2 * np.pi * x / eps)) - 1.0
+    np.testing.assert_allclose(exact.du(x), expected_du, rtol=0, atol=1e-12)
+
+
+def test_exact_1d_eps_1e6_is_fast_and_tends_to_the_homogenised_value():
+    """ε = 1e-6 (10^6 periods) builds in well under a second and K̃ = √3 to round-off."""
+    problem = paper_1d(1e-6)
+    start = time.perf_counter()
+    exact = exact_1d(problem)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5.0, elapsed  # about 0.1 s; generous for a loaded machine
+    assert abs(exact.K_tilde - _paper_K_tilde(1e-6)) < 1e-13
+    assert abs(exact.K_tilde - math.sqrt(3.0)) < 1e-13
+    x = np.array([0.0, 0.3, 0.7071, 1.0])
+    J1_b, J2_b = _paper_two_scale(1e-6, 1.0)
+    c = (1.0 + J2_b) / J1_b
+    expected = [c * J1 - J2 - t for t in x for J1, J2 in [_paper_two_scale(1e-6, t)]]
+    np.testing.assert_allclose(exact.u(x), expected, rtol=0, atol=1e-12)
+
+
+def test_exact_1d_is_continuous_across_periods_and_blocks():
+    """U is continuous at period starts (table, interpolant and product rule meet) at ε = 1e-6."""
+    eps = 1e-6
+    exact = exact_1d(paper_1d(eps))
+    periods = np.random.default_rng(7).integers(1, 10**6, 2000)
+    periods = np.concatenate([periods, np.arange(0, 10**6 + 1, 31250)[1:-1]])
+    delta = 1e-12
+    x = periods * eps
+    jump = exact.u(x + delta) - exact.u(x - delta)
+    # u' is bounded by (c + max Q)/min K + 1 < 4, so a continuous u changes by < 8e-12.
+    assert np.max(np.abs(jump)) < 1e-11
+    # Derivative consistency across the oscillation at h << ε.
+    t = np.random.default_rng(8).random(50)
+    h = 2e-9
+    central = (exact.u(t + h) - exact.u(t - h)) / (2 * h)
+    assert np.max(np.abs(central - exact.du(t))) < 1e-4
+
+
+def test_exact_1d_memory_in_process():
+    """Peak numpy memory of ε = 1e-5 and 1e-6 plus 2·10^5 u and 10^6 u' points stays bounded."""
+    x = np.random.default_rng(0).random(10**6)
+    peaks = []
+    for eps in (1e-5, 1e-6):
+        tracemalloc.start()
+        try:
+            exact = exact_1d(paper_1d(eps))
+            exact.u(x[: 2 * 10**5])
+            exact.du(x)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    # 10^6 outputs are 8 MB each; the chunks and tables add a few MB, whatever ε.
+    assert max(peaks) < 80 * 2**20, peaks
+
+
+@pytest.mark.skip_in_parallel
+def test_exact_1d_peak_rss_in_a_subprocess():
+    """Peak RSS of exact_1d(paper_1d(1e-5)) plus u at 10^5 points, over the import baseline.
+
+    A fresh interpreter with torch and DOLFINx imported holds about 800 MB here (its import
+    transients have reached 1 GB), so the peak is reset after the imports (Linux's clear_refs)
+    and the increase measured: about 40 MB, bounded by 150 MB (the previous algorithm needed
+    about 3 TB at this ε).
+    """
+    script = (
+        "import resource\n"
+        "from mpi4py import MPI\n"
+        "import numpy as np\n"
+        "from dolfinx_pinn.problems import paper_1d\n"
+        "from dolfinx_pinn.reference import exact_1d\n"
+        "def status(key):\n"
+        "    lines = open('/proc/self/status').read().splitlines()\n"
+        "    return next(int(s.split()[1]) for s in lines if s.startswith(key)) / 1024\n"
+        "try:\n"
+        "    open('/proc/self/clear_refs', 'w').write('5')  # peak RSS := current RSS\n"
+        "except OSError:\n"
+        "    print('no-reset')\n"
+        "    raise SystemExit\n"
+        "baseline = status('VmRSS')\n"
+        "exact = exact_1d(paper_1d(1e-5))\n"
+        "exact.u(np.random.default_rng(0).random(10**5))\n"
+        "print(baseline, status('VmHWM'))\n"
+    )
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in list(environment):  # a serial MPI job of its own
+        if key.startswith(("PMI_", "OMPI_", "MPI_LOCALNRANKS", "HYDRA_")):
+            environment.pop(key)
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    if completed.stdout.split()[-1] == "no-reset":
+        pytest.skip("the peak RSS cannot be reset on this system (/proc/self/clear_refs)")
+    baseline, peak = map(float, completed.stdout.split()[-2:])
+    assert peak - baseline < 150.0, (baseline, peak)
+    assert peak < baseline + 150.0 < 2000.0, (baseline, peak)
+
+
+def _composite_reference_paper_source(problem, x: np.ndarray, per_scale: int = 8):
+    """(c, K̃, u(x), u'(x)) by a plain composite 32-point Gauss rule, the exact Q = 3x - 3x².
+
+    The previous algorithm, written out for a source q = -3(2x - 1) on (0, 1): independent of
+    the package's chunks, checkpoints and integration matrices.
+    """
+    nodes, weights = np.polynomial.legendre.leggauss(32)
+    count = int(np.ceil(per_scale / problem.finest_scale))
+    breaks = np.linspace(0.0, 1.0, count + 1)
+    h = np.diff(breaks)[:, None]
+    t = breaks[:-1, None] + 0.5 * h * (nodes + 1.0)
+    w = 0.5 * h * weights
+    K = lambda s: problem.K(s.reshape(-1, 1)).reshape(s.shape)  # noqa: E731
+    Q = lambda s: 3.0 * s - 3.0 * s * s  # noqa: E731
+    J1_breaks = np.concatenate([[0.0], np.cumsum((w / K(t)).sum(axis=1))])
+    J2_breaks = np.concatenate([[0.0], np.cumsum((w * Q(t) / K(t)).sum(axis=1))])
+    c = (1.0 + J2_breaks[-1]) / J1_breaks[-1]
+    K_tilde = c - 0.5
+    k = np.clip(np.searchsorted(breaks, x, side="right") - 1, 0, count - 1)
+    half = 0.5 * (x - breaks[k])
+    s = breaks[k][:, None] + half[:, None] * (nodes + 1.0)
+    J1 = J1_breaks[k] + half * ((1.0 / K(s)) @ weights)
+    J2 = J2_breaks[k] + half * ((Q(s) / K(s)) @ weights)
+    return c, K_tilde, c * J1 - J2 - x, (c - Q(x)) / K(x) - 1.0
+
+
+def test_exact_1d_non_periodic_small_eps_against_the_composite_rule():
+    """quasi_periodic_1d at ε = 1e-3 (chunked composite rule) equals a plain composite rule."""
+    problem = quasi_periodic_1d(1e-3)
+    exact = exact_1d(problem)
+    assert exact.algorithm == "composite"
+    x = np.concatenate([[0.0, 1.0], np.random.default_rng(1).random(500)])
+    c, K_tilde, u, du = _composite_reference_paper_source(problem, x)
+    assert _rel(exact.c, c) < 1e-12
+    assert abs(exact.K_tilde - K_tilde) < 1e-12
+    np.testing.assert_allclose(exact.u(x), u, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(exact.du(x), du, rtol=0, atol=1e-12)
+    assert abs(exact.u(np.array([1.0]))[0]) < 1e-14
+
+
+def test_exact_1d_chunks_and_checkpoints_do_not_change_the_result(monkeypatch):
+    """Tiny chunks and few checkpoints (a point then crosses whole subintervals) change nothing."""
+    problem = quasi_periodic_1d(1e-3)
+    x = np.concatenate([[0.0, 1.0], np.random.default_rng(2).random(3000)])
+    default = exact_1d(problem)
+    monkeypatch.setattr(reference, "_MAX_CHECKPOINTS", 1000)  # 14 subintervals per checkpoint
+    monkeypatch.setattr(reference, "_SWEEP_SUBINTERVALS", 100)
+    monkeypatch.setattr(reference, "_CHUNK_NODES", 5000)
+    chunked = exact_1d(problem)
+    assert _rel(chunked.c, default.c) < 1e-14
+    assert abs(chunked.K_tilde - default.K_tilde) < 1e-14
+    np.testing.assert_allclose(chunked.u(x), default.u(x), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(chunked.du(x), default.du(x), rtol=0, atol=1e-14)
+
+
+def _periodic_problem(eps: float, period: tuple[float, ...] | None, source=None):
+    """A periodic K with two harmonics on (0.3, 2.15), not a whole number of periods."""
+
+    def coefficient(x, m):
+        y = x[0] / eps
+        return 2.0 + m.sin(2.0 * m.pi * y) + 0.4 * m.cos(6.0 * m.pi * y + 0.3)
+
+    def smooth_source(x, m):
+        return 10.0 * m.exp(-10.0 * (x[0] - 1.0) ** 2) + m.cos(x[0])
+
+    return MultiscaleProblem(
+        coefficient,
+        source or smooth_source,
+        eps,
+        domain=Box((0.3,), (2.15,)),
+        period=period,
+        finest_scale=eps / 3.0,
+        name="two_harmonics",
+    )
+
+
+@pytest.mark.parametrize("eps", [1e-2, 7.77e-4])
+def test_exact_1d_periodic_algorithm_equals_composite_rule(eps):
+    """A smooth non-polynomial q, a domain off 0 and a remainder: periodic = composite rule."""
+    periodic = exact_1d(_periodic_problem(eps, (1.0,)))
+    composite = exact_1d(_periodic_problem(eps, None))
+    assert (periodic.algorithm, composite.algorithm) == ("periodic", "composite")
+    x = np.concatenate([[0.3, 2.15], 0.3 + 1.85 * np.random.default_rng(3).random(2000)])
+    # The composite rule samples K at x/ε up to 3e3, where rounding costs it about 1e-13.
+    assert _rel(periodic.c, composite.c) < 1e-12
+    assert abs(periodic.K_tilde - composite.K_tilde) < 1e-12
+    np.testing.assert_allclose(periodic.u(x), composite.u(x), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(periodic.du(x), composite.du(x), rtol=0, atol=1e-12)
+    assert abs(periodic.u(np.array([2.15]))[0]) < 1e-14
+
+
+def test_exact_1d_falls_back_to_the_composite_rule():
+    """Few periods, a declared period K does not have, and an oscillating q stay correct."""
+    assert exact_1d(paper_1d(1 / 15)).algorithm == "composite"  # 15 periods
+    problem = copy.copy(paper_1d(1e-3))
+    problem.period = (1.1,)  # not K's period (the problem's own check would refuse it)
+    with pytest.warns(RuntimeWarning, match="period"):
+        wrong = exact_1d(problem)
+    assert wrong.algorithm == "composite"
+    assert abs(wrong.c - exact_1d(paper_1d(1e-3)).c) < 1e-12
+    # A q on the fast scale: slow blocks refine until one period each, or the composite rule.
+    oscillating = lambda x, m: 1.0 + m.cos(2.0 * m.pi * x[0] / 7.3e-4)  # noqa: E731
+    fast_q = exact_1d(_periodic_problem(1e-3, (1.0,), oscillating))
+    reference_rule = exact_1d(_periodic_problem(1e-3, None, oscillating))
+    x = 0.3 + 1.85 * np.random.default_rng(4).random(500)
+    np.testing.assert_allclose(fast_q.u(x), reference_rule.u(x), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="subintervals_per_scale"):
+        reference.ExactSolution1D(paper_1d(0.1), subintervals_per_scale=0)
+
+
+def test_discrete_gauss_rule_sums_polynomials_exactly():
+    """The Gauss rule of the counting measure sums degree 27 exactly, for 30 to 10^6 terms."""
+    for count in (30, 1000, 10**6):
+        nodes, weights = reference._discrete_gauss(count, 14)
+        for degree in (0, 5, 27):
+            i = np.arange(count, dtype=np.float64)
+            g = lambda t: ((t - count / 3) / count) ** degree  # noqa: E731
+            assert _rel(weights @ g(nodes), math.fsum(g(i))) < 1e-13

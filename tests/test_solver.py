@@ -313,7 +313,8 @@ def test_gauss_newton_checkpoint_resume(mpi_tmp_path):
     run(2, checkpoint_every=2, checkpoint_dir=folder)
     resumed, theta_resumed = run(4, checkpoint_dir=folder, resume=True)
     assert torch.equal(theta_full, theta_resumed)
-    assert resumed["loss"] == full["loss"] and resumed["lr"] == full["lr"]
+    # The damping has its own column (the "lr" column is Adam's learning rate).
+    assert resumed["loss"] == full["loss"] and resumed["damping"] == full["damping"]
 
 
 # -- full-tensor mode (Algorithm 4.1) ------------------------------------------------------------

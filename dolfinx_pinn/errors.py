@@ -1,0 +1,143 @@
+"""Relative errors of a network against a reference: one interface for every kind of reference.
+
+:func:`reference_errors` turns what a user may hold as a reference into one callable
+``errors(model) -> (relative L², relative H¹ seminorm)``:
+
+- an object with ``value(points)`` / ``gradient(points)`` (such as
+  :func:`dolfinx_pinn.reference.exact_1d`) or a pair ``(u, grad_u)`` of numpy callables: a
+  tensor-product Gauss-Legendre quadrature on the problem's box (:class:`ReferenceErrors`), no
+  mesh needed, the same on every rank;
+- a dolfinx Function (a fine FE solution): quadrature on its mesh in parallel
+  (:func:`dolfinx_pinn.reference.relative_errors`, collective on the mesh's communicator).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dolfinx_pinn.problems import MultiscaleProblem
+
+__all__ = ["ReferenceErrors", "reference_errors"]
+
+_GAUSS_NODES = 6
+
+
+class ReferenceErrors:
+    """Relative L² and H¹-seminorm errors of a network against a reference, by quadrature.
+
+    A tensor-product Gauss-Legendre rule on a uniform grid of the problem's box that resolves
+    the finest scale (``cells_per_scale`` cells per ``problem.finest_scale``, capped at
+    ``max_points`` points in all), so no mesh is needed. For a dolfinx Function reference use
+    :func:`dolfinx_pinn.reference.relative_errors`.
+
+    Args:
+        problem: The problem (domain and finest scale).
+        reference: An object with ``value(points)``/``gradient(points)`` (such as
+            :func:`dolfinx_pinn.reference.exact_1d`), or a pair ``(u, grad_u)`` of numpy
+            callables on points ``(N, d)`` returning ``(N,)`` and ``(N, d)``.
+        cells_per_scale: Grid cells per finest oscillation.
+        max_points: Cap on the number of quadrature points.
+    """
+
+    def __init__(
+        self,
+        problem: MultiscaleProblem,
+        reference: Any,
+        cells_per_scale: int = 2,
+        max_points: int = 400_000,
+    ) -> None:
+        if hasattr(reference, "value") and hasattr(reference, "gradient"):
+            value, gradient = reference.value, reference.gradient
+        elif isinstance(reference, tuple) and len(reference) == 2 and all(map(callable, reference)):
+            value, gradient = reference
+        else:
+            raise ValueError(
+                "reference must have value/gradient methods or be a pair (u, grad_u) of callables"
+            )
+        domain, dim = problem.domain, problem.dim
+        per_axis_cap = int((max_points / _GAUSS_NODES**dim) ** (1.0 / dim))
+        nodes, weights = np.polynomial.legendre.leggauss(_GAUSS_NODES)
+        axes, axis_weights = [], []
+        for j in range(dim):
+            cells = max(8, math.ceil(cells_per_scale * domain.lengths[j] / problem.finest_scale))
+            cells = min(cells, max(per_axis_cap, 1))
+            breaks = np.linspace(domain.lower[j], domain.upper[j], cells + 1)
+            h = np.diff(breaks)
+            axes.append((breaks[:-1, None] + 0.5 * h[:, None] * (nodes + 1.0)).ravel())
+            axis_weights.append((0.5 * h[:, None] * weights).ravel())
+        grid = np.meshgrid(*axes, indexing="ij")
+        self.points = np.stack([g.ravel() for g in grid], axis=1)
+        weight_grid = np.meshgrid(*axis_weights, indexing="ij")
+        self.weights = np.prod(np.stack([w.ravel() for w in weight_grid], axis=1), axis=1)
+        self.reference_value = np.asarray(value(self.points), dtype=np.float64).reshape(-1)
+        self.reference_gradient = np.asarray(gradient(self.points), dtype=np.float64).reshape(
+            -1, dim
+        )
+        self._norms = (
+            float(np.sum(self.weights * self.reference_value**2)),
+            float(np.sum(self.weights * (self.reference_gradient**2).sum(axis=1))),
+        )
+        if min(self._norms) <= 0:
+            raise ValueError("reference: its L² norm or H¹ seminorm is zero")
+
+    def __call__(self, model: nn.Module, chunk: int = 20_000) -> tuple[float, float]:
+        """``(relative L², relative H¹ seminorm)`` of ``model`` (points ``(N, d)`` -> ``(N,)``)."""
+        parameter = next(model.parameters())
+        values, gradients = [], []
+        for start in range(0, len(self.points), chunk):
+            x = torch.tensor(
+                self.points[start : start + chunk], dtype=parameter.dtype, device=parameter.device
+            ).requires_grad_(True)
+            with torch.enable_grad():
+                v = model(x).reshape(-1)
+                (g,) = torch.autograd.grad(v.sum(), x)
+            values.append(v.detach().cpu().numpy())
+            gradients.append(g.detach().cpu().numpy())
+        value = np.concatenate(values)
+        gradient = np.concatenate(gradients)
+        l2 = np.sum(self.weights * (value - self.reference_value) ** 2)
+        h1 = np.sum(self.weights * ((gradient - self.reference_gradient) ** 2).sum(axis=1))
+        return float(np.sqrt(l2 / self._norms[0])), float(np.sqrt(h1 / self._norms[1]))
+
+
+class _FunctionErrors:
+    """Errors against a dolfinx Function by quadrature on its mesh (collective)."""
+
+    def __init__(self, reference: Any) -> None:
+        self.reference = reference
+
+    def __call__(self, model: nn.Module) -> tuple[float, float]:
+        from dolfinx_pinn.reference import relative_errors
+
+        return relative_errors(model, self.reference)
+
+
+def reference_errors(problem: MultiscaleProblem, reference: Any) -> Any:
+    """``errors(model) -> (l2, h1)`` for any supported reference, or None for ``None``.
+
+    Args:
+        problem: The problem (domain and finest scale of the quadrature).
+        reference: ``None``, a dolfinx Function, an object with ``value``/``gradient`` or a
+            pair of callables.
+
+    Raises:
+        ValueError: naming ``reference`` when it is none of these.
+    """
+    if reference is None:
+        return None
+    if _is_dolfinx_function(reference):
+        return _FunctionErrors(reference)
+    return ReferenceErrors(problem, reference)
+
+
+def _is_dolfinx_function(reference: Any) -> bool:
+    try:
+        from dolfinx.fem import Function
+    except ImportError:  # pragma: no cover - the network side alone (e.g. on a GPU machine)
+        return False
+    return isinstance(reference, Function)
