@@ -31,8 +31,9 @@ class ReferenceErrors:
     """Relative L² and H¹-seminorm errors of a network against a reference, by quadrature.
 
     A tensor-product Gauss-Legendre rule on a uniform grid of the problem's box that resolves
-    the finest scale (``cells_per_scale`` cells per ``problem.finest_scale``, capped at
-    ``max_points`` points in all), so no mesh is needed. For a dolfinx Function reference use
+    the finest scale (``cells_per_scale`` cells per ``problem.finest_scale``); where that would
+    take more than ``max_points`` points, a scrambled Sobol' set of ``max_points`` points (see
+    :func:`_quadrature`). No mesh is needed. For a dolfinx Function reference use
     :func:`dolfinx_pinn.reference.relative_errors`.
 
     Args:
@@ -59,21 +60,8 @@ class ReferenceErrors:
             raise ValueError(
                 "reference must have value/gradient methods or be a pair (u, grad_u) of callables"
             )
-        domain, dim = problem.domain, problem.dim
-        per_axis_cap = int((max_points / _GAUSS_NODES**dim) ** (1.0 / dim))
-        nodes, weights = np.polynomial.legendre.leggauss(_GAUSS_NODES)
-        axes, axis_weights = [], []
-        for j in range(dim):
-            cells = max(8, math.ceil(cells_per_scale * domain.lengths[j] / problem.finest_scale))
-            cells = min(cells, max(per_axis_cap, 1))
-            breaks = np.linspace(domain.lower[j], domain.upper[j], cells + 1)
-            h = np.diff(breaks)
-            axes.append((breaks[:-1, None] + 0.5 * h[:, None] * (nodes + 1.0)).ravel())
-            axis_weights.append((0.5 * h[:, None] * weights).ravel())
-        grid = np.meshgrid(*axes, indexing="ij")
-        self.points = np.stack([g.ravel() for g in grid], axis=1)
-        weight_grid = np.meshgrid(*axis_weights, indexing="ij")
-        self.weights = np.prod(np.stack([w.ravel() for w in weight_grid], axis=1), axis=1)
+        self.points, self.weights = _quadrature(problem, cells_per_scale, max_points)
+        dim = problem.dim
         self.reference_value = np.asarray(value(self.points), dtype=np.float64).reshape(-1)
         self.reference_gradient = np.asarray(gradient(self.points), dtype=np.float64).reshape(
             -1, dim
@@ -103,6 +91,41 @@ class ReferenceErrors:
         l2 = np.sum(self.weights * (value - self.reference_value) ** 2)
         h1 = np.sum(self.weights * ((gradient - self.reference_gradient) ** 2).sum(axis=1))
         return float(np.sqrt(l2 / self._norms[0])), float(np.sqrt(h1 / self._norms[1]))
+
+
+def _quadrature(
+    problem: MultiscaleProblem, cells_per_scale: int, max_points: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Points and weights on the problem's box: Gauss-Legendre resolving the finest scale, or QMC.
+
+    A tensor Gauss rule with ``cells_per_scale`` cells per finest oscillation integrates the
+    two-scale error exactly enough; when that needs more than ``max_points`` points (ε far below
+    the domain size), a regular rule on coarser cells would sample every period at the same few
+    phases (aliasing: the integral of an oscillating error could come out 0 or 10 times too
+    large), so a scrambled Sobol' set of ``max_points`` equal-weight points is used instead,
+    whose phases ``x/ε mod p`` are equidistributed.
+    """
+    domain, dim = problem.domain, problem.dim
+    counts = [
+        max(8, math.ceil(cells_per_scale * domain.lengths[j] / problem.finest_scale))
+        for j in range(dim)
+    ]
+    if math.prod(counts) * _GAUSS_NODES**dim > max_points:
+        from dolfinx_pinn.coarse import sobol_points
+
+        points = sobol_points(domain.lower, domain.upper, max_points, seed=7)
+        return points, np.full(len(points), domain.measure / len(points))
+    nodes, weights = np.polynomial.legendre.leggauss(_GAUSS_NODES)
+    axes, axis_weights = [], []
+    for j, cells in enumerate(counts):
+        breaks = np.linspace(domain.lower[j], domain.upper[j], cells + 1)
+        h = np.diff(breaks)
+        axes.append((breaks[:-1, None] + 0.5 * h[:, None] * (nodes + 1.0)).ravel())
+        axis_weights.append((0.5 * h[:, None] * weights).ravel())
+    grid = np.meshgrid(*axes, indexing="ij")
+    weight_grid = np.meshgrid(*axis_weights, indexing="ij")
+    points = np.stack([g.ravel() for g in grid], axis=1)
+    return points, np.prod(np.stack([w.ravel() for w in weight_grid], axis=1), axis=1)
 
 
 class _FunctionErrors:

@@ -91,9 +91,10 @@ def make_optimizer_for(
                 "output layer only with the linearised coarse state)"
             )
         rows = objective
-        if objective.distributed and settings.form in ("auto", "qr", "gram"):
-            # Gather the rows on every rank: the serial QR least squares (which keeps the
-            # accuracy the normal equations lose), the same matrix on every rank.
+        if settings.form in ("auto", "qr", "gram") and hasattr(objective, "comm"):
+            # All rows on every rank, in the order of their points: the serial QR least
+            # squares (which keeps the accuracy the normal equations lose), the same matrix
+            # whatever the number of ranks (in serial too, so that 1 and N ranks agree).
             rows = GatheredObjective(objective)
         if name == "projection":
             return OutputLayerProjection(rows, form=settings.form, **extra)
