@@ -22,6 +22,12 @@ Cases (``--cases``, default all):
   a hybrid training step in the paper's 2D setting.
 - ``parallel``: one hybrid 2D training step on 1 against 2 ranks (one thread per rank), with the
   equality of the loss histories.
+- ``solve``: ``dolfinx_pinn.solve`` on ``paper_1d``/``paper_2d`` at every ε of the targets, each
+  in its own process (time, errors, unknowns, GFLOP/s against a dense matmul, peak memory; see
+  ``bench_solve.py``).
+- ``crossover``: plain DOLFINx FEM (P1/P2, MUMPS/GAMG, a ladder of meshes) against
+  ``dolfinx_pinn.solve``, time to the same accuracy for each ε (see ``bench_crossover.py``);
+  writes ``<host>-<device>-crossover.png``.
 
 Medians over ``--repeats`` runs; timings are side by side in one run on one machine.
 """
@@ -47,7 +53,15 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-ALL_CASES = ("throughput", "coarse", "hybrid_1d", "hybrid_2d", "parallel")
+ALL_CASES = (
+    "throughput",
+    "coarse",
+    "hybrid_1d",
+    "hybrid_2d",
+    "parallel",
+    "solve",
+    "crossover",
+)
 
 
 def median_time(function: Callable[[], Any], repeats: int) -> float:
@@ -233,12 +247,31 @@ def case_parallel(args: argparse.Namespace, device: torch.device) -> dict[str, A
     }
 
 
+def case_solve(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """See :func:`bench_solve.benchmark`: the ε-robustness targets of ``dolfinx_pinn.solve``."""
+    sys.path.insert(0, str(HERE))
+    import bench_solve
+
+    return bench_solve.benchmark(quick=args.quick, repeats=args.repeats)
+
+
+def case_crossover(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """See :func:`bench_crossover.benchmark` (``--quick``: fewer ε and rungs)."""
+    sys.path.insert(0, str(HERE))
+    import bench_crossover
+
+    mode = "quick" if args.quick else "full"
+    return bench_crossover.benchmark(mode, repeats=args.repeats, device=device.type)
+
+
 CASES: dict[str, Callable[[argparse.Namespace, torch.device], dict[str, Any]]] = {
     "throughput": case_throughput,
     "coarse": case_coarse,
     "hybrid_1d": case_hybrid_1d,
     "hybrid_2d": case_hybrid_2d,
     "parallel": case_parallel,
+    "solve": case_solve,
+    "crossover": case_crossover,
 }
 
 
@@ -276,6 +309,8 @@ def markdown(results: dict[str, Any]) -> str:
             cells = [row.get(k) for k in keys]
             cells += [row[k].get(sub) for k in nested for sub in rows[0][k]]
             lines.append("| " + " | ".join(_format(c) for c in cells) + " |")
+        if case.get("markdown"):  # a case's own further tables
+            lines += ["", case["markdown"]]
     return "\n".join(lines) + "\n"
 
 
@@ -364,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         results["cases"][name]["seconds"] = time.perf_counter() - started
     stem = out / f"{results['host']}-{results['device']}"
     results["plots"] = accuracy_plots(results, stem)
+    if "crossover" in results["cases"]:
+        import bench_crossover
+
+        results["plots"] += bench_crossover.plot(results["cases"]["crossover"], stem)
     Path(f"{stem}.json").write_text(json.dumps(results, indent=1, default=float))
     Path(f"{stem}.md").write_text(markdown(results))
     print(markdown(results))

@@ -21,8 +21,10 @@ fine-scale PINN core), :mod:`~dolfinx_pinn.homogenization` and :mod:`~dolfinx_pi
 from mpi4py import MPI  # noqa: F401  (isort: skip)
 
 from dolfinx_pinn.auto import Solution, SolveConfiguration, configure, solve
+from dolfinx_pinn.boundary import BoundaryData
 from dolfinx_pinn.coarse import CoarseProblem, CoarseSolve, CollocationPoints, coarse_solve
 from dolfinx_pinn.coupling import CompressionOperator, CouplingTerm
+from dolfinx_pinn.geometry import MeshDomain
 from dolfinx_pinn.homogenization import (
     TwoScaleApproximation,
     cell_problem_from,
@@ -38,6 +40,7 @@ from dolfinx_pinn.problems import (
     math_namespace,
     paper_1d,
     paper_2d,
+    paper_3d,
     quasi_periodic_1d,
     weierstrass_1d,
 )
@@ -57,6 +60,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MLP",
+    "BoundaryData",
     "Box",
     "CoarseProblem",
     "CoarseSolve",
@@ -65,6 +69,7 @@ __all__ = [
     "CouplingTerm",
     "ExactSolution1D",
     "HybridSolver",
+    "MeshDomain",
     "MultiscaleFourierNet",
     "MultiscaleProblem",
     "PINNSolver",
@@ -83,6 +88,7 @@ __all__ = [
     "math_namespace",
     "paper_1d",
     "paper_2d",
+    "paper_3d",
     "quasi_periodic_1d",
     "relative_errors",
     "solve",

@@ -1,19 +1,32 @@
 """One call: ``dolfinx_pinn.solve(problem)`` picks the whole configuration and returns a Solution.
 
 :func:`configure` reads the problem (dimension, domain, ε, period, coefficient) and chooses the
-network, the collocation points, the coarse mesh, the compression diameter δ, the τ2 schedule
-and the optimizer; :func:`solve` builds a :class:`~dolfinx_pinn.solver.HybridSolver` with them,
-trains it, computes the a posteriori indicators of :mod:`dolfinx_pinn.diagnostics` and returns
-a :class:`Solution`. Every choice can be overridden by name (``solve(problem, n_interior=...)``)
-and is recorded in ``Solution.metrics["configuration"]``.
+method and its settings:
 
-Nothing in the configuration grows with 1/ε: the point count and the network size follow the
-coefficient's structure and the domain, δ is a whole number of periods of at least the coarse
-mesh size (:func:`dolfinx_pinn.coupling.default_delta`), and the optimizer takes a fixed number
-of output-layer least-squares steps.
+* ``method="basis"`` (periodic coefficient on a box, the lifted problem (4.8)): the structured
+  two-scale ansatz of :class:`~dolfinx_pinn.basis.TwoScaleBasis` (slow Legendre coefficients
+  times the Fourier-Galerkin cell correctors, with boundary-layer correctors in 2D), whose output
+  layer is the exact least-squares minimiser of the collocation loss (3.24)
+  (:func:`~dolfinx_pinn.least_squares.solve_output_layer`: analytic rows in chunks, QR in 1D,
+  normal equations in 2D/3D). This is the τ2 → 0 limit of the hybrid continuation, reached in
+  one linear solve; K̃ is then (4.10) of that network and the coarse problem is solved with it.
+* ``method="hybrid"`` (any other problem, or ``network=``): a
+  :class:`~dolfinx_pinn.solver.HybridSolver` with a two-scale network trained by output-layer
+  projection and τ2 continuation.
 
-MPI: collective on ``comm``; the network is replicated, so :meth:`Solution.value` and
-:meth:`Solution.gradient` are local and give the same values on every rank.
+Every choice can be overridden by name (``solve(problem, point_factor=...)``) and is recorded in
+``Solution.metrics["configuration"]``.
+
+Nothing in the configuration grows with 1/ε: the basis size follows the coefficient's corrector
+spectrum and the source's length scale, the points are a fixed multiple of the unknowns (the
+residual of a two-scale ansatz is smooth in x and periodic in y = x/ε, and the points
+``(x, x/ε mod p)`` equidistribute at any ε), δ is a whole number of periods of at least the
+coarse mesh size (:func:`dolfinx_pinn.coupling.default_delta`), and the optimizer takes a fixed
+number of steps.
+
+MPI: collective on ``comm``; the points are split over the ranks, the least-squares products are
+summed (normal equations) or their triangular factors gathered (QR), so the network is the same
+on every rank and :meth:`Solution.value` and :meth:`Solution.gradient` are local.
 """
 
 from __future__ import annotations
@@ -47,25 +60,40 @@ class SolveConfiguration:
     """What :func:`solve` uses; every field can be overridden by name.
 
     Attributes:
-        network: ``network(problem) -> nn.Module`` (float64, the boundary condition built in).
+        method: ``"basis"`` (the two-scale basis solved by least squares) or ``"hybrid"`` (a
+            network trained by the hybrid solver); see the module doc.
+        network: ``network(problem) -> nn.Module`` (float64).
         network_name: A label of the network for the metrics.
-        n_interior: Interior collocation points (global).
+        n_interior: Interior collocation points (global); ``None`` with ``"basis"``:
+            ``point_factor`` times the unknowns.
+        n_boundary: Boundary points (global, 2D/3D); ``None`` with ``"basis"``:
+            ``boundary_factor`` times the unknowns, else the hybrid solver's default.
+        point_factor: Interior points per unknown of the basis.
+        boundary_factor: Boundary points per unknown of the basis.
+        basis: Settings of :class:`~dolfinx_pinn.basis.BasisConfig` (``degrees``, ``order``,
+            ``boundary_layers``, ...) over those :func:`~dolfinx_pinn.basis.choose_config`
+            takes from the problem.
         sampling: ``"sobol"`` or ``"stratified"``.
         coarse_h: The coarse mesh size.
         delta: The compression diameter (None: whole periods of at least ``coarse_h``).
-        optimizer: The optimizer of :meth:`~dolfinx_pinn.solver.HybridSolver.train`.
-        steps: Its number of steps.
-        tau2: The initial coupling weight.
-        tau2_schedule: ``"continuation"`` (τ2 → 0) or ``"constant"``.
-        tau2_decay: The continuation factor per step.
+        optimizer: The optimizer of :meth:`~dolfinx_pinn.solver.HybridSolver.train` (hybrid).
+        steps: Its number of steps (hybrid).
+        tau2: The initial coupling weight (hybrid).
+        tau2_schedule: ``"continuation"`` (τ2 → 0) or ``"constant"`` (hybrid).
+        tau2_decay: The continuation factor per step (hybrid).
         form: The least-squares form (``"auto"``: QR in 1D, ``"normal"`` in 2D/3D).
         seed: The seed of the points and the network.
         thresholds: Overrides of the verdict's thresholds.
     """
 
-    network: Callable[[MultiscaleProblem], nn.Module]
+    network: Callable[[MultiscaleProblem], nn.Module] | None
     network_name: str
-    n_interior: int
+    method: str = "hybrid"
+    n_interior: int | None = None
+    n_boundary: int | None = None
+    point_factor: float = 3.0
+    boundary_factor: float = 1.0
+    basis: dict[str, Any] = field(default_factory=dict)
     sampling: str = "sobol"
     coarse_h: float | None = None
     delta: float | None = None
@@ -78,17 +106,59 @@ class SolveConfiguration:
     seed: int = 0
     thresholds: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.form not in ("auto", "normal", "qr"):
+            raise ValueError(f"form must be 'auto', 'normal' or 'qr', got {self.form!r}")
+        for name in ("point_factor", "boundary_factor"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (self.point_factor >= 1.0):
+            raise ValueError(
+                f"point_factor must be >= 1 (fewer points than unknowns leave the least "
+                f"squares underdetermined), got {self.point_factor}"
+            )
+        for name in ("n_interior", "n_boundary"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(self.basis, dict):
+            raise ValueError(f"basis must be a dict of BasisConfig settings, got {self.basis!r}")
+        if self.method == "hybrid" and self.network is None:
+            raise ValueError("network: the hybrid method needs a network")
+
     def as_dict(self) -> dict[str, Any]:
         """The settings, the network by its label."""
         values = {item.name: getattr(self, item.name) for item in fields(self)}
         values["network"] = values.pop("network_name")
+        values["basis"] = dict(self.basis)
         return values
 
 
-def _two_scale_network(problem: MultiscaleProblem, **settings: Any) -> nn.Module:
-    from dolfinx_pinn.networks import TransfiniteBoundaryNet, TwoScaleNet
+METHODS = ("basis", "hybrid")
 
-    return TransfiniteBoundaryNet(TwoScaleNet.for_problem(problem, **settings), problem)
+
+def _two_scale_network(problem: MultiscaleProblem, **settings: Any) -> nn.Module:
+    """A TwoScaleNet with the hard boundary condition that suits the domain and the data."""
+    from dolfinx_pinn.boundary_value import hard_boundary_network
+    from dolfinx_pinn.networks import TwoScaleNet
+
+    return hard_boundary_network(TwoScaleNet.for_problem(problem, **settings), problem)
+
+
+def _basis_applies(problem: MultiscaleProblem) -> str | None:
+    """Why the basis method cannot serve ``problem``, or None when it can."""
+    from dolfinx_pinn.problems import Box
+
+    if problem.period is None:
+        return "the coefficient has no period vector"
+    if not isinstance(problem.domain, Box):
+        return "the domain is not a box"
+    if getattr(problem, "boundary", None) is not None:
+        return "the problem has boundary data (the basis method solves the lifted (4.8))"
+    return None
 
 
 def configure(problem: MultiscaleProblem, **overrides: Any) -> SolveConfiguration:
@@ -99,19 +169,33 @@ def configure(problem: MultiscaleProblem, **overrides: Any) -> SolveConfiguratio
         **overrides: Fields of :class:`SolveConfiguration` to set.
 
     Raises:
-        ValueError: naming an unknown override, or a problem the automatic choice cannot serve
-            (no period vector, or a domain that is not a box).
+        ValueError: naming an unknown override or a value out of range, or a problem the
+            automatic choice cannot serve (no period vector and no ``network``).
     """
     known = {item.name for item in fields(SolveConfiguration)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"solve: unknown settings {unknown}; allowed: {sorted(known)}")
+    seed = int(overrides.get("seed", 0))
+    why_not = _basis_applies(problem)
+    method = overrides.get("method", "hybrid" if why_not or "network" in overrides else "basis")
+    if method == "basis":
+        if why_not is not None:
+            raise ValueError(f"method: 'basis' cannot serve this problem: {why_not}")
+        if "network" in overrides:
+            raise ValueError("network: give it with method='hybrid' (the basis is built)")
+        base = SolveConfiguration(
+            network=None,
+            network_name="TwoScaleBasis",
+            method="basis",
+            form="qr" if problem.dim == 1 else "normal",
+        )
+        return replace(base, **overrides)
     if problem.period is None and "network" not in overrides:
         raise ValueError(
             "solve: the automatic network needs a periodic coefficient (problem.period); give "
             "network=... for a non-periodic one"
         )
-    seed = int(overrides.get("seed", 0))
     if problem.dim == 1:
         settings = {"k_max": 14, "width": 16, "seed": seed}
         base = SolveConfiguration(
@@ -128,6 +212,8 @@ def configure(problem: MultiscaleProblem, **overrides: Any) -> SolveConfiguratio
             n_interior=20_000,
             form="normal",
         )
+    if "network" in overrides and "network_name" not in overrides:
+        overrides = {**overrides, "network_name": "user network"}
     return replace(base, **overrides)
 
 
@@ -220,9 +306,12 @@ def solve(
     Args:
         problem: The problem (4.8).
         comm: The communicator.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a torch device.
-        tol: Stop once the relative L² error against ``reference`` is at most this.
-        time_limit: Stop the training after this many seconds.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a torch device (the
+            hybrid method's training; the basis method's one dense solve runs on the CPU).
+        tol: The relative L² error against ``reference`` to reach: the hybrid method stops
+            its training there; either method records ``metrics["tol_met"]`` and warns
+            (:class:`ConvergenceWarning`) when it is missed.
+        time_limit: Stop the hybrid method's training after this many seconds.
         reference: A reference for ``rel_l2``/``rel_h1`` (see
             :func:`dolfinx_pinn.errors.reference_errors`), e.g. :func:`~dolfinx_pinn.exact_1d`.
         progress: Progress on rank 0.
@@ -235,20 +324,58 @@ def solve(
     Raises:
         ValueError: naming a setting out of range.
     """
-    from dolfinx_pinn.solver import HybridSolver
-
     if tol is not None and reference is None:
         raise ValueError("tol: needs a reference to measure the error against")
+    if tol is not None and not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite number > 0, got {tol}")
     started = time.perf_counter()
     configuration = configure(problem, **overrides)
     torch.manual_seed(configuration.seed)
+    if configuration.method == "basis":
+        solution = _solve_basis(problem, configuration, comm, reference, started)
+    else:
+        solution = _solve_hybrid(
+            problem, configuration, comm, device, tol, time_limit, reference, progress, started
+        )
+    result = solution.verdict
+    if tol is not None and solution.metrics.get("rel_l2", math.inf) > tol:
+        solution.metrics["tol_met"] = False
+        if comm.rank == 0:
+            warnings.warn(
+                f"dolfinx_pinn.solve: rel L2 {solution.metrics['rel_l2']:.3g} > tol {tol:.3g}",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+    elif tol is not None:
+        solution.metrics["tol_met"] = True
+    if not result.converged and comm.rank == 0:
+        warnings.warn(f"dolfinx_pinn.solve: {result.message()}", ConvergenceWarning, stacklevel=2)
+    return solution
+
+
+def _solve_hybrid(
+    problem: MultiscaleProblem,
+    configuration: SolveConfiguration,
+    comm: MPI.Comm,
+    device: str | torch.device,
+    tol: float | None,
+    time_limit: float | None,
+    reference: Any,
+    progress: bool,
+    started: float,
+) -> Solution:
+    """The hybrid method: a network trained by the hybrid solver (collective)."""
+    from dolfinx_pinn.solver import HybridSolver
+
+    assert configuration.network is not None
     network = configuration.network(problem)
     with HybridSolver(
         problem,
         network,
         comm=comm,
         coarse_h=configuration.coarse_h,
-        n_interior=configuration.n_interior,
+        n_interior=configuration.n_interior or 2000,
+        n_boundary=configuration.n_boundary,
         tau2=configuration.tau2,
         delta=configuration.delta,
         device=device,
@@ -267,10 +394,104 @@ def solve(
             options["form"] = configuration.form
         solver.train(configuration.optimizer, configuration.steps, **options)
         metrics, result = _metrics(solver, configuration, started)
-        solution = Solution(solver, metrics, result)
-    if not result.converged and comm.rank == 0:
-        warnings.warn(f"dolfinx_pinn.solve: {result.message()}", ConvergenceWarning, stacklevel=2)
-    return solution
+        return Solution(solver, metrics, result)
+
+
+def _solve_basis(
+    problem: MultiscaleProblem,
+    configuration: SolveConfiguration,
+    comm: MPI.Comm,
+    reference: Any,
+    started: float,
+) -> Solution:
+    """The basis method: one least-squares solve of the two-scale basis (collective).
+
+    The hybrid solver provides the distributed collocation points, the coarse problem and the
+    compression; no training step is taken (the least-squares minimiser is the τ2 → 0 limit).
+    The dense products run on the CPU in float64 whatever ``device`` is: they are one
+    ``n × n`` factorisation, not a training loop.
+    """
+    from dolfinx_pinn.basis import TwoScaleBasis
+    from dolfinx_pinn.least_squares import solve_output_layer
+    from dolfinx_pinn.solver import HybridSolver
+
+    network = TwoScaleBasis.for_problem(problem, **configuration.basis)
+    unknowns = network.num_features
+    n_interior = configuration.n_interior or math.ceil(configuration.point_factor * unknowns)
+    n_boundary = configuration.n_boundary or math.ceil(configuration.boundary_factor * unknowns)
+    if n_interior < unknowns:
+        raise ValueError(
+            f"n_interior: {n_interior} points for {unknowns} unknowns; give at least {unknowns}"
+        )
+    coarse_h = configuration.coarse_h
+    if coarse_h is None:
+        # The compression averages the points in a ball of diameter δ >= h around each coarse
+        # node: h from the point density, so that every ball holds about 8 of them.
+        coarse_h = float(max(problem.domain.lengths)) * (8.0 / n_interior) ** (1.0 / problem.dim)
+    built = time.perf_counter()
+    with HybridSolver(
+        problem,
+        network,
+        comm=comm,
+        coarse_h=coarse_h,
+        n_interior=n_interior,
+        n_boundary=max(n_boundary, 2 * problem.dim),
+        tau2=configuration.tau2,
+        delta=configuration.delta,
+        device="cpu",
+        seed=configuration.seed,
+        sampling=configuration.sampling,
+        reference=reference,
+    ) as solver:
+        points = solver.points
+        cpu = torch.device("cpu")
+        interior = points.torch_interior(cpu, torch.float64)
+        boundary = (
+            points.torch_boundary(cpu, torch.float64) if points.global_boundary_count else None
+        )
+        prepared = time.perf_counter()
+        form = configuration.form
+        if form == "auto":
+            form = "qr" if problem.dim == 1 else "normal"
+        result = solve_output_layer(
+            problem,
+            network,
+            interior,
+            boundary,
+            form=form,
+            allreduce=lambda tensor: _allreduce(tensor, comm),
+            allgather=lambda tensor: _allgather(tensor, comm),
+            total_interior=points.global_interior_count,
+            total_boundary=points.global_boundary_count,
+        )
+        metrics, verdict_ = _metrics(solver, configuration, started)
+        metrics["basis"] = network.describe()
+        metrics["least_squares"] = result.as_dict()
+        metrics["timings"] = {
+            "basis": built - started,
+            "points_and_coarse": prepared - built,
+            "least_squares": result.timings["total"],
+            "total": time.perf_counter() - started,
+        }
+        metrics["n_interior"], metrics["n_boundary"] = result.rows
+        metrics["unknowns"] = unknowns
+        metrics["device"] = "cpu"
+        return Solution(solver, metrics, verdict_)
+
+
+def _allreduce(tensor: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:
+    if comm.size == 1:
+        return tensor
+    array = np.ascontiguousarray(tensor.detach().cpu().numpy())
+    total = np.empty_like(array)
+    comm.Allreduce(array, total, op=MPI.SUM)
+    return torch.from_numpy(total)
+
+
+def _allgather(tensor: torch.Tensor, comm: MPI.Comm) -> list[torch.Tensor]:
+    if comm.size == 1:
+        return [tensor]
+    return [torch.from_numpy(part) for part in comm.allgather(tensor.detach().cpu().numpy())]
 
 
 def _metrics(

@@ -416,6 +416,8 @@ def run(config: dict[str, Any], comm: MPI.Comm | None = None) -> dict[str, Any]:
         config["run"],
     )
     output = Path(settings["output"])
+    if config["network"]["kind"] == "auto":
+        return _run_automatic(config, problem, reference, comm, started)
     solver = HybridSolver(
         problem,
         network,
@@ -453,6 +455,35 @@ def run(config: dict[str, Any], comm: MPI.Comm | None = None) -> dict[str, Any]:
     finally:
         solver.destroy()
     return metrics
+
+
+def _run_automatic(
+    config: dict[str, Any], problem: Any, reference: Any, comm: MPI.Comm, started: float
+) -> dict[str, Any]:
+    """``network.kind = "auto"``: :func:`dolfinx_pinn.solve` with the keys the config sets."""
+    from dolfinx_pinn.auto import solve
+
+    coarse, settings = config["coarse"], config["run"]
+    overrides = {
+        name: value
+        for name, value in (("coarse_h", coarse["h"]), ("delta", coarse["delta"]))
+        if value is not None
+    }
+    solution = solve(
+        problem,
+        comm=comm,
+        device=settings["device"],
+        reference=reference,
+        seed=settings["seed"],
+        time_limit=config["optimizer"]["time_limit"],
+        **overrides,
+    )
+    from dolfinx_pinn.io import write_outputs
+
+    extra = {**solution.metrics, "config": config, "total_time_s": time.perf_counter() - started}
+    return write_outputs(
+        solution, settings["output"], extra_metrics=extra, figures=settings["figures"]
+    )
 
 
 def _error(message: str) -> None:

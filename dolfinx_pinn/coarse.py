@@ -11,6 +11,10 @@ conditions,
 
     find y_h in Y_h:  ∫_Ω K̃ ∇y_h · ∇v dx = ∫_Ω q v dx   for all v in Y_h,
 
+or, for a problem with boundary data (:mod:`dolfinx_pinn.boundary`), y_h = g on Γ_D (the values
+lifted into the right-hand side, renewed with K̃) and ``+ ∫_{Γ_N} h v ds`` on the right. The
+adjoint and the sensitivity keep homogeneous conditions: g does not depend on K̃.
+
 where K̃ is (a) one constant ``d x d`` tensor (``parametrization="tensor"``), (b) only its
 ``(i, i)`` entry with the other entries fixed (``"entry"``, Assumption 4.3 of Hintermüller &
 Korolev, i the problem's lifting direction), or (c) one tensor per subdomain of a partition
@@ -29,6 +33,7 @@ point set does not depend on the number of ranks.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -365,9 +370,13 @@ class CoarseProblem:
         self.state = dolfinx.fem.Function(self.space, name="y_h")
         self.adjoint = dolfinx.fem.Function(self.space, name="p_h")
 
-        # Dirichlet condition on the whole boundary.
+        # Dirichlet condition on the whole boundary (on Γ_D with the problem's boundary data:
+        # zero here, for the matrix; the values g enter the right-hand side by lifting).
         mesh.topology.create_connectivity(tdim - 1, tdim)
         boundary_facets = dolfinx.mesh.exterior_facet_indices(mesh.topology)
+        data = problem.boundary
+        if data is not None:
+            boundary_facets = data.dirichlet_facets(mesh)
         boundary_dofs = dolfinx.fem.locate_dofs_topological(self.space, tdim - 1, boundary_facets)
         self.bc = dolfinx.fem.dirichletbc(0.0, boundary_dofs, self.space)
         self.boundary_dofs = boundary_dofs
@@ -381,7 +390,9 @@ class CoarseProblem:
         ):
             # UFL drops a zero integrand entirely; keep a (zero) form with a Constant.
             source = dolfinx.fem.Constant(mesh, 0.0)
-        self._L_form = dolfinx.fem.form(source * v * dx)
+        neumann = None if data is None else data.neumann_form(v)
+        linear = source * v * dx
+        self._L_form = dolfinx.fem.form(linear if neumann is None else linear + neumann)
         # dL/dK̃ per DG0 dof: the derivative of -a(K̃; y_h, p_h) in the direction of K̃.
         p_h, y_h = self.adjoint, self.state
         residual_like = -ufl.inner(self.coefficient * ufl.grad(y_h), ufl.grad(p_h)) * dx
@@ -394,6 +405,10 @@ class CoarseProblem:
         self.rhs = dolfinx.fem.petsc.assemble_vector(self._L_form)
         self.rhs.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
         dolfinx.fem.petsc.set_bc(self.rhs, [self.bc])
+        # Non-zero Dirichlet data: F - B(K̃) g on the free rows, g on Γ_D, renewed with K̃.
+        self._value_bcs = (
+            None if data is None or data.homogeneous_dirichlet else data.dirichlet_bcs(self.space)
+        )
         self._adjoint_rhs = self.rhs.duplicate()
         self._current_key: bytes | None = None
 
@@ -443,10 +458,23 @@ class CoarseProblem:
             return
         self._set_coefficient(tensors)
         self._stiffness.update(None if self.parametrization == "subdomains" else tensors[0])
+        if self._value_bcs is not None:
+            self._lift_rhs()
         self._current_key = key
         # A new operator: both KSPs refactorise / rebuild their preconditioners.
         self.state_ksp.setOperators(self.matrix)
         self.adjoint_ksp.setOperators(self.matrix)
+
+    def _lift_rhs(self) -> None:
+        """The right-hand side with the Dirichlet values g lifted by the current B(K̃)."""
+        rhs, bcs = self.rhs, self._value_bcs
+        assert bcs is not None
+        with rhs.localForm() as local:
+            local.set(0.0)
+        dolfinx.fem.petsc.assemble_vector(rhs, self._L_form)
+        dolfinx.fem.petsc.apply_lifting(rhs, [self._stiffness.form], bcs=[bcs])
+        rhs.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        dolfinx.fem.petsc.set_bc(rhs, bcs)
 
     def _set_coefficient(self, tensors: np.ndarray) -> None:
         d = self.dim
@@ -777,6 +805,21 @@ def _simplex_measure(vertices: np.ndarray) -> float:
     return math.sqrt(max(np.linalg.det(gram), 0.0)) / math.factorial(k)
 
 
+def geometric_cell_keys(vertices: np.ndarray) -> np.ndarray:
+    """Partition-independent integer keys ``(cells,)`` of cells from their sorted vertices.
+
+    A 63-bit BLAKE2 hash of the float64 coordinates of each cell's vertices (``(cells, k, d)``,
+    sorted the same way on every rank): the same cell of the same mesh gets the same key
+    whatever the partition, for meshes without a usable ``original_cell_index``.
+    """
+    data = np.ascontiguousarray(vertices, dtype=np.float64) + 0.0  # -0.0 -> 0.0
+    keys = np.empty(len(data), dtype=np.int64)
+    for cell, row in enumerate(data):
+        digest = hashlib.blake2b(row.tobytes(), digest_size=8).digest()
+        keys[cell] = int.from_bytes(digest, "little") >> 1
+    return keys
+
+
 class CollocationPoints:
     """Monte-Carlo collocation points tied to a coarse simplex mesh (collective on mesh.comm).
 
@@ -809,6 +852,12 @@ class CollocationPoints:
         seed: The seed of the whole point set.
         sampling: ``"stratified"`` (uniform random points per cell, the default) or
             ``"sobol"`` (a scrambled Sobol' sequence, see above) for the interior points.
+        cell_keys: What seeds a cell's generator: ``"auto"`` (``original_cell_index``, the
+            cell's input index, where the mesh has one for every owned cell; else as
+            ``"geometry"``) or ``"geometry"`` (a hash of the cell's sorted vertex coordinates,
+            :func:`geometric_cell_keys`). Use ``"geometry"`` for a refined mesh or a submesh:
+            their input indices depend on the partition (or do not exist), the coordinates do
+            not.
     """
 
     SAMPLINGS = ("stratified", "sobol")
@@ -823,6 +872,7 @@ class CollocationPoints:
         boundary_count: int | None = None,
         seed: int = 0,
         sampling: str = "stratified",
+        cell_keys: str = "auto",
     ) -> None:
         _simplex_check(mesh)
         if sampling not in self.SAMPLINGS:
@@ -847,7 +897,18 @@ class CollocationPoints:
         total_measure = self.comm.allreduce(float(measures.sum()), MPI.SUM)
         self.measure = total_measure
         self.density = self._resolve_density(density, count, total_measure, "density", "count")
-        original = np.asarray(mesh.topology.original_cell_index, dtype=np.int64)[:num_owned_cells]
+        if cell_keys not in ("auto", "geometry"):
+            raise ValueError(f"cell_keys must be 'auto' or 'geometry', got {cell_keys!r}")
+        original = None
+        if cell_keys == "auto":
+            try:
+                original = np.asarray(mesh.topology.original_cell_index, dtype=np.int64)
+            except RuntimeError:  # a submesh has no input indices
+                original = None
+        if original is None or len(original) < num_owned_cells:
+            original = geometric_cell_keys(vertices)
+        else:
+            original = original[:num_owned_cells]
         self._original_index = original
 
         if sampling == "sobol":

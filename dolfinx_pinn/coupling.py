@@ -387,7 +387,9 @@ def _state_matrix(
 class CompressionOperator:
     """Q̄^D_δ of (3.26): network values at collocation points → values at the owned coarse nodes.
 
-    For an owned coarse node x_i with ``dist(x_i, ∂Ω) >= δ/2``, the row averages the network
+    For an owned coarse node x_i with ``dist(x_i, ∂Ω) >= δ/2`` (the distance to the box faces,
+    or to the boundary facets of a :class:`~dolfinx_pinn.geometry.MeshDomain`: a ball that
+    reaches out of a hole or a notch is a boundary-layer node too), the row averages the network
     over the collocation points within δ/2 of x_i (a ball that may reach into cells owned by
     other ranks: those *halo* points are exchanged once, at construction); a node closer to ∂Ω
     than δ/2 takes the network's value at the node itself (the boundary-layer rule).
@@ -451,8 +453,8 @@ class CompressionOperator:
 
         nodes = coarse.dof_coordinates
         self.node_coordinates = nodes
-        lower, upper = np.asarray(problem.domain.lower), np.asarray(problem.domain.upper)
-        distance = np.minimum(nodes - lower, upper - nodes).min(axis=1)
+        # The distance to ∂Ω: the box faces, or the facets of a mesh domain (exact, replicated).
+        distance = problem.domain.boundary_distance(nodes)
         self.boundary_layer = distance < radius - tol
         interior_nodes = np.flatnonzero(~self.boundary_layer)
         layer_nodes = np.flatnonzero(self.boundary_layer)

@@ -98,7 +98,7 @@ def _residual_norms(
             points[start : start + chunk], dtype=parameter.dtype, device=parameter.device
         )
         with torch.enable_grad():
-            residual = pde_residual(network, problem, x, method="autograd").detach()
+            residual = pde_residual(network, problem, x).detach()
             f = problem.f(x).detach()
         residual_sum += float((residual * residual).sum())
         rhs_sum += float((f * f).sum())

@@ -77,13 +77,20 @@ class ReferenceErrors:
         """``(relative L², relative H¹ seminorm)`` of ``model`` (points ``(N, d)`` -> ``(N,)``)."""
         parameter = next(model.parameters())
         values, gradients = [], []
+        # A network with analytic first derivatives (the two-scale basis) skips autograd.
+        analytic = getattr(model, "value_and_gradient", None)
         for start in range(0, len(self.points), chunk):
             x = torch.tensor(
                 self.points[start : start + chunk], dtype=parameter.dtype, device=parameter.device
-            ).requires_grad_(True)
-            with torch.enable_grad():
-                v = model(x).reshape(-1)
-                (g,) = torch.autograd.grad(v.sum(), x)
+            )
+            if analytic is not None:
+                with torch.no_grad():
+                    v, g = analytic(x)
+            else:
+                x.requires_grad_(True)
+                with torch.enable_grad():
+                    v = model(x).reshape(-1)
+                    (g,) = torch.autograd.grad(v.sum(), x)
             values.append(v.detach().cpu().numpy())
             gradients.append(g.detach().cpu().numpy())
         value = np.concatenate(values)

@@ -113,6 +113,7 @@ class PINNObjective(LeastSquaresObjective):
             :func:`dolfinx_pinn.errors.reference_errors`).
         solution: The scalar network the errors and predictions are of (default ``network``).
         extra_blocks: Further residual blocks (the hybrid objective's coupling rows).
+        boundary_target: The boundary values g at ``boundary`` (default 0).
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class PINNObjective(LeastSquaresObjective):
         reference: Any = None,
         solution: nn.Module | None = None,
         extra_blocks: tuple[ResidualBlock, ...] = (),
+        boundary_target: torch.Tensor | None = None,
     ) -> None:
         self.problem = problem
         self.comm = MPI.COMM_SELF if comm is None else comm
@@ -141,7 +143,7 @@ class PINNObjective(LeastSquaresObjective):
             if boundary is not None and len(boundary):
                 if boundary_weight is None:
                     raise ValueError("boundary_weight: needed with boundary points")
-                self.boundary_block = BoundaryBlock(boundary, boundary_weight)
+                self.boundary_block = BoundaryBlock(boundary, boundary_weight, boundary_target)
                 blocks.append(self.boundary_block)
             else:
                 blocks.append(EmptyBlock("boundary", interior.dtype, interior.device))
@@ -439,11 +441,8 @@ class HybridObjective(PINNObjective):
         interior = points.torch_interior(device, dtype)
         if points.global_interior_count < 1 or len(interior) < 1:
             raise ValueError("n_interior: every rank needs collocation points; raise n_interior")
-        hard = bool(getattr(network, "satisfies_boundary_condition", False))
-        has_boundary = not hard and points.global_boundary_count > 0
-        boundary = points.torch_boundary(device, dtype) if has_boundary else None
-        boundary_weight = (
-            tau1 * points.boundary_measure / points.global_boundary_count if has_boundary else None
+        has_boundary, boundary, boundary_weight, target, boundary_blocks = self._boundary_rows(
+            problem, network, tau1, device, dtype
         )
         self.compression_points = compression.points(device, dtype)
         # R without τ2; the τ2 of each step is this objective's (the schedule sets it).
@@ -463,12 +462,35 @@ class HybridObjective(PINNObjective):
             comm=coarse.comm,
             reference=reference,
             solution=solution,
-            extra_blocks=(CouplingBlock(self),),
+            extra_blocks=(*boundary_blocks, CouplingBlock(self)),
+            boundary_target=target,
         )
         i = problem.lifting_direction
         with torch.no_grad():
             self._K_rows = problem.K_matrix(interior)[:, i, :].detach()
         self.last: dict[str, torch.Tensor] = {}
+
+    def _boundary_rows(
+        self,
+        problem: MultiscaleProblem,
+        network: nn.Module,
+        tau1: float,
+        device: torch.device | None,
+        dtype: torch.dtype,
+    ) -> tuple[bool, torch.Tensor | None, float | None, torch.Tensor | None, list[ResidualBlock]]:
+        """The soft boundary rows ``v = 0`` of (3.24) on ∂Ω, unless the network is hard.
+
+        Returns ``(has_boundary, points, weight, target, further blocks)``; a subclass for
+        other boundary data (:mod:`dolfinx_pinn.boundary_value`) overrides it.
+        """
+        points = self.points
+        hard = bool(getattr(network, "satisfies_boundary_condition", False))
+        has_boundary = not hard and points.global_boundary_count > 0
+        boundary = points.torch_boundary(device, dtype) if has_boundary else None
+        boundary_weight = (
+            tau1 * points.boundary_measure / points.global_boundary_count if has_boundary else None
+        )
+        return has_boundary, boundary, boundary_weight, None, []
 
     # -- τ2 -------------------------------------------------------------------------------------
     @property

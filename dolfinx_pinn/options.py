@@ -160,7 +160,7 @@ class Options:
 
 
 PROBLEMS = ("paper_1d", "paper_2d", "laminate_2d")
-NETWORKS = ("two_scale", "ms_pinn", "mlp")
+NETWORKS = ("auto", "two_scale", "ms_pinn", "mlp")
 BOUNDARIES = ("transfinite", "hard", "soft")
 OPTIMIZERS = ("adam", "lbfgs", "gauss_newton", "projection")
 SAMPLINGS = ("stratified", "sobol")
@@ -184,7 +184,12 @@ class NetworkOptions(Options):
     """``[network]``: the network and how it meets the boundary condition."""
 
     section: ClassVar[str] = "network"
-    kind: str = option("two_scale", "TwoScaleNet, MultiscaleFourierNet or MLP", choices=NETWORKS)
+    kind: str = option(
+        "auto",
+        "auto (dolfinx_pinn.solve's own choice; [points], [loss] and [optimizer] then unused), "
+        "TwoScaleNet, MultiscaleFourierNet or MLP",
+        choices=NETWORKS,
+    )
     width: int | None = option(
         None, "neurons per hidden layer (default per kind)", _optional(_at_least(1)), ">= 1"
     )

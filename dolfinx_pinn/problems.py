@@ -15,10 +15,15 @@ UFL ``grad``), never typed a second time.
 Point arrays (numpy or torch) have shape ``(N, d)``; a UFL evaluation takes
 ``ufl.SpatialCoordinate(mesh)``.
 
-This module holds what a problem is: its domain (:class:`Box`), its definitions and their
-evaluation and derivatives (:class:`MultiscaleProblem`), and the problems of the papers (the
-factories). Every problem is checked once when it is built (arguments; each definition through
-the three backends; the period; K finite, symmetric and elliptic within its bounds on a dense
+This module holds what a problem is: its domain (:class:`Box`, or a DOLFINx mesh of any shape
+as a :class:`~dolfinx_pinn.geometry.MeshDomain`), its definitions and their evaluation and
+derivatives (:class:`MultiscaleProblem`), and the problems of the papers (the factories). A
+problem with ``dirichlet=``/``neumann=`` data (:class:`~dolfinx_pinn.boundary.BoundaryData`) is
+the general boundary-value problem ``-div(K^ε ∇u) = q``, ``u = g`` on Γ_D, ``(K^ε ∇u)·n = h`` on
+Γ_N instead of the lifted (4.8); the factories keep (4.8).
+
+Every problem is checked once when it is built (arguments; each definition through the three
+backends; the period; K finite, symmetric and elliptic within its bounds on a dense
 sample); those checks are the concern of :mod:`~dolfinx_pinn.problem_checks`, which the
 construction calls.
 """
@@ -38,6 +43,8 @@ import numpy.typing as npt
 import torch
 import ufl
 
+from dolfinx_pinn.boundary import BoundaryData
+from dolfinx_pinn.geometry import MeshDomain
 from dolfinx_pinn.problem_checks import (
     StructureError,
     as_bounds,
@@ -60,6 +67,7 @@ __all__ = [
     "math_namespace",
     "paper_1d",
     "paper_2d",
+    "paper_3d",
     "quasi_periodic_1d",
     "weierstrass_1d",
 ]
@@ -217,6 +225,12 @@ class Box:
         points[np.arange(count), axis] = lower[axis] + side * lengths[axis]
         return points
 
+    def boundary_distance(self, points: npt.ArrayLike) -> np.ndarray:
+        """The distance ``(N,)`` from points inside the box to its boundary."""
+        points = np.asarray(points, dtype=np.float64).reshape(-1, self.dim)
+        lower, upper = np.asarray(self.lower), np.asarray(self.upper)
+        return np.minimum(points - lower, upper - points).min(axis=1)
+
     def distance_function(self) -> Expression:
         """The default hard-boundary factor ``l(x) = prod_j 4 (x_j - a_j)(b_j - x_j) / L_j^2``.
 
@@ -232,6 +246,23 @@ class Box:
             return value
 
         return distance
+
+
+def _unit(x: Sequence[Any], m: SimpleNamespace) -> Any:
+    return 1.0
+
+
+def _as_domain(domain: Any) -> Box | MeshDomain | None:
+    """A Box or MeshDomain as given, a dolfinx mesh as a MeshDomain, None as None."""
+    if domain is None or isinstance(domain, (Box, MeshDomain)):
+        return domain
+    import dolfinx.mesh
+
+    if isinstance(domain, dolfinx.mesh.Mesh):
+        return MeshDomain(domain)
+    raise ValueError(
+        f"domain must be a Box, a MeshDomain or a dolfinx Mesh, got {type(domain).__name__}"
+    )
 
 
 def _broadcast(value: Any, like: Any, backend: str) -> Any:
@@ -286,7 +317,10 @@ class MultiscaleProblem:
             expressions for an SPD tensor.
         source: ``q(x, m)``, the source of the fine problem.
         eps: The fine scale ε > 0.
-        domain: A :class:`Box` (default: the unit interval/square/cube of ``dim``).
+        domain: A :class:`Box` (default: the unit interval/square/cube of ``dim``), a
+            :class:`~dolfinx_pinn.geometry.MeshDomain` (a mesh with facet tags) or a dolfinx
+            mesh of any shape (intervals, triangles, tetrahedra; distributed or not). The
+            definitions must be evaluable on the mesh's bounding box, where they are checked.
         dim: Spatial dimension (taken from ``domain`` when omitted).
         period: Period vector ``p`` of the fast variable ``y = x/ε`` (K is ``p``-periodic in
             ``y``: ``K(x + ε p_j e_j) = K(x)``, which is checked), or ``None`` for a coefficient
@@ -296,11 +330,18 @@ class MultiscaleProblem:
         alpha: Lower bound of K (of its smallest eigenvalue); estimated from a sample if omitted.
         beta: Upper bound of K (of its largest eigenvalue); estimated from a sample if omitted.
         distance: The hard-boundary factor ``l(x, m)`` vanishing on the boundary (default:
-            :meth:`Box.distance_function`).
+            :meth:`Box.distance_function`; on a mesh domain the potential distance of
+            :meth:`~dolfinx_pinn.geometry.MeshDomain.potential_distance`, vanishing on Γ_D).
         finest_scale: The shortest length the coefficient varies on, which a mesh must
             resolve (default ``eps * min(period)``, or ``eps`` without a period).
         effective_tensor: The homogenised tensor ``K*`` where it is known in closed form.
         name: A short name for files and reports.
+        dirichlet: Dirichlet data g (a number, a definition ``g(x, m)``, a dolfinx Function on
+            the domain's mesh) for the whole boundary, or ``{facet tag: g}``. With boundary data
+            the problem is the general ``-div(K^ε ∇u) = q`` (no lifting, f = q) with these
+            conditions (see :mod:`~dolfinx_pinn.boundary`); without, it is (4.8).
+        neumann: ``{facet tag: h}``, the outward flux ``(K^ε ∇u)·n = h`` on those facets;
+            exterior facets with no data are insulated (h = 0).
 
     Raises:
         ValueError: naming the parameter and the allowed range, when an argument is out of range
@@ -322,7 +363,7 @@ class MultiscaleProblem:
         source: Expression,
         eps: float,
         *,
-        domain: Box | None = None,
+        domain: Box | MeshDomain | Any = None,
         dim: int | None = None,
         period: Sequence[float] | None = None,
         lifting_direction: int = 0,
@@ -332,13 +373,14 @@ class MultiscaleProblem:
         finest_scale: float | None = None,
         effective_tensor: npt.ArrayLike | None = None,
         name: str = "problem",
+        dirichlet: Any = None,
+        neumann: Any = None,
     ) -> None:
         if dim is None and domain is None:
             raise ValueError("dim: give the dimension or a domain")
         if dim is not None:
             dim = as_int(dim, "dim", 1, 3)
-        if domain is not None and not isinstance(domain, Box):
-            raise ValueError(f"domain must be a Box, got {type(domain).__name__}")
+        domain = _as_domain(domain)
         domain = Box.unit(dim) if domain is None else domain  # type: ignore[arg-type]
         if dim is not None and domain.dim != dim:
             raise ValueError(f"domain has dimension {domain.dim} but dim is {dim}")
@@ -352,10 +394,18 @@ class MultiscaleProblem:
         self.finest_scale = as_positive(finest_scale, "finest_scale", "finite and > 0")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
+        self.boundary = (
+            None
+            if dirichlet is None and neumann is None
+            else BoundaryData(domain, dirichlet, neumann)
+        )
         distance = domain.distance_function() if distance is None else distance
+        # On a mesh domain the default factor is the potential distance of Γ_D, a sum over the
+        # boundary facets with no UFL form: the probe of the definitions uses a constant.
+        self.distance_is_definition = distance is not None
         self._coefficient = _Definition(coefficient, self.dim)
         self._source = _Definition(source, self.dim)
-        self._distance = _Definition(distance, self.dim)
+        self._distance = _Definition(distance if distance is not None else _unit, self.dim)
         # Each definition once through numpy, torch and UFL: a numpy/math call, a Python if or a
         # wrong coordinate is named here, not later inside autograd or form compilation.
         self.is_tensor = check_definitions(domain, self._coefficient, self._source, self._distance)
@@ -399,8 +449,20 @@ class MultiscaleProblem:
         return self._evaluate(self._source, x)
 
     def distance(self, x: Any) -> Any:
-        """The hard-boundary factor l(x) at points ``(N, d)`` or a UFL coordinate."""
+        """The hard-boundary factor l(x) at points ``(N, d)`` or a UFL coordinate.
+
+        On a mesh domain without a ``distance`` definition: the potential distance of Γ_D
+        (numpy or torch points only).
+        """
+        if not self.distance_is_definition:
+            tags = None if self.boundary is None else self.boundary.dirichlet_tags
+            return self.domain.potential_distance(x, tags)  # type: ignore[union-attr]
         return self._evaluate(self._distance, x)
+
+    @property
+    def is_lifted(self) -> bool:
+        """Whether this is the lifted problem (4.8) (no boundary data given)."""
+        return self.boundary is None
 
     def K_matrix(self, x: Any) -> Any:
         """K as a ``d x d`` tensor (a scalar K times the identity)."""
@@ -459,6 +521,8 @@ class MultiscaleProblem:
         numpy and torch inputs go through torch autograd (float64); a UFL coordinate gives
         ``q + div(K e_i)``.
         """
+        if self.boundary is not None:
+            return self.q(x)
         if isinstance(x, ufl.core.expr.Expr):
             return self.q(x) + ufl.div(self.flux_lifting(x))
         i = self.lifting_direction
@@ -472,7 +536,11 @@ class MultiscaleProblem:
 
     # -- helpers -------------------------------------------------------------------------------
     def with_lifting_direction(self, direction: int) -> MultiscaleProblem:
-        """A copy of this problem with another lifting direction ``i`` (for Algorithm 4.1)."""
+        """A copy of this problem with another lifting direction ``i`` (for Algorithm 4.1).
+
+        The copy is the lifted problem (4.8) on the same domain: boundary data are not kept
+        (Algorithm 4.1 upscales from the d lifted problems).
+        """
         return MultiscaleProblem(
             self.coefficient_definition,
             self.source_definition,
@@ -502,6 +570,10 @@ class MultiscaleProblem:
     ) -> Any:
         """Create a dolfinx mesh of the problem's domain.
 
+        On a mesh domain: the domain's mesh, uniformly refined until its cell diameters are at
+        most those of the box mesh, ``|lengths / n|`` (``comm``, ``cell_type`` and ``ghost_mode``
+        are the mesh's own).
+
         Args:
             comm: MPI communicator (collective).
             n: Cells per direction (an int for all directions, or one per direction).
@@ -516,6 +588,11 @@ class MultiscaleProblem:
         counts = [int(n)] * self.dim if np.isscalar(n) else [int(c) for c in n]  # type: ignore[arg-type]
         if len(counts) != self.dim or min(counts) < 1:
             raise ValueError(f"n must be a positive cell count per dimension, got {n}")
+        if isinstance(self.domain, MeshDomain):
+            # The domain's own mesh, refined until its cells are no larger (in diameter) than the
+            # cells of the box mesh with these counts over the bounding box.
+            box_cell = np.asarray(self.domain.lengths) / np.asarray(counts, dtype=np.float64)
+            return self.domain.refined_mesh(float(np.linalg.norm(box_cell)))
         ghost_mode = dmesh.GhostMode.shared_facet if ghost_mode is None else ghost_mode
         lower, upper = self.domain.lower, self.domain.upper
         if self.dim == 1:
@@ -627,6 +704,44 @@ def paper_2d(eps: float = 0.1) -> MultiscaleProblem:
         alpha=1.0,
         beta=5.0,
         name="paper_2d",
+    )
+
+
+def paper_3d(eps: float = 0.1, domain: Any = None) -> MultiscaleProblem:
+    """The 3D analogue of the 2D problem (4.11) of Hintermüller & Korolev.
+
+    Ω = (0, 1)³ (or ``domain``), K^ε = 4 + sin(πx₁/ε) + sin(2πx₂/ε) + sin(2πx₃/ε),
+    q = 10 exp(-100|x - 0.5|²), the lifted problem (4.8). As in (4.11) the coefficient is a sum
+    of one oscillation per axis, the first with twice the period of the others (period vector
+    (2, 1, 1) of y = x/ε); the mean is raised from 3 to 4 so that the third oscillation keeps
+    K within [1, 7], the same lower bound α = 1 as (4.11)'s [1, 5].
+
+    Args:
+        eps: The scale ε > 0.
+        domain: Another domain (a Box or a mesh of any 3D part; default the unit cube).
+    """
+
+    def coefficient(x: Sequence[Any], m: SimpleNamespace) -> Any:
+        return (
+            4.0
+            + m.sin(m.pi * x[0] / eps)
+            + m.sin(2.0 * m.pi * x[1] / eps)
+            + m.sin(2.0 * m.pi * x[2] / eps)
+        )
+
+    def source(x: Sequence[Any], m: SimpleNamespace) -> Any:
+        return 10.0 * m.exp(-100.0 * ((x[0] - 0.5) ** 2 + (x[1] - 0.5) ** 2 + (x[2] - 0.5) ** 2))
+
+    return MultiscaleProblem(
+        coefficient,
+        source,
+        eps,
+        dim=3,
+        domain=domain,
+        period=(2.0, 1.0, 1.0),
+        alpha=1.0,
+        beta=7.0,
+        name="paper_3d",
     )
 
 

@@ -113,7 +113,14 @@ def solve_fine(
     """Solve the fine-scale problem (4.8) with Lagrange finite elements.
 
     Finds u in V_h ⊂ H¹_0 with ∫ K∇u·∇v = ∫ q v - ∫ (K e_i)·∇v for all v, the weak form of
-    -∇·(K∇u) = q + ∇·(K e_i); the lifted solution is w = u + x_i.
+    -∇·(K∇u) = q + ∇·(K e_i); the lifted solution is w = u + x_i. For a problem with boundary
+    data (:mod:`dolfinx_pinn.boundary`): u = g on Γ_D and ∫ K∇u·∇v = ∫ q v + ∫_{Γ_N} h v ds.
+
+    On a mesh domain (:class:`~dolfinx_pinn.geometry.MeshDomain`) the default mesh is the
+    domain's mesh refined (``dolfinx.mesh.refine``, which keeps the boundary) until its cells
+    are no larger than the finest scale over ``elements_per_period``; a ``mesh`` given instead
+    may be any mesh of the same geometry, its boundary facets classified by the nearest facet of
+    the domain's boundary.
 
     Args:
         problem: The multiscale problem.
@@ -151,9 +158,15 @@ def solve_fine(
     )
     K = problem.K_matrix(x)
     a = ufl.inner(K * ufl.grad(u), ufl.grad(v)) * dx
-    L = problem.q(x) * v * dx - ufl.inner(problem.flux_lifting(x), ufl.grad(v)) * dx
-    bc = _homogeneous_dirichlet(V)
-    uh = solve_linear(a, L, [bc], "fine", options, options)
+    if problem.boundary is None:
+        L = problem.q(x) * v * dx - ufl.inner(problem.flux_lifting(x), ufl.grad(v)) * dx
+        bcs = [_homogeneous_dirichlet(V)]
+    else:
+        L = problem.q(x) * v * dx
+        neumann = problem.boundary.neumann_form(v, dx.metadata())
+        L = L if neumann is None else L + neumann
+        bcs = problem.boundary.dirichlet_bcs(V)
+    uh = solve_linear(a, L, bcs, "fine", options, options)
     uh.name = f"u_{problem.name}"
     return uh
 

@@ -77,6 +77,9 @@ Jet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def resolve_method(model: nn.Module, method: str) -> str:
     """The derivative method to use; ``"auto"`` means ``"autograd"``.
 
+    A network with ``prefers_jet`` (:class:`~dolfinx_pinn.boundary_value.DirichletNet`) gets
+    ``"jet"`` for ``"auto"``: its fixed factors are cached as jets.
+
     Measured in ``benchmarks/bench_pinn.py`` (1D, 2 cores): nested autograd evaluates the
     residual (forward, and forward + backward) as fast as or faster than the jet, and torch.func
     is 2-5x slower. The jet is what makes the Gauss-Newton Jacobian cheap (one backward pass and
@@ -85,7 +88,9 @@ def resolve_method(model: nn.Module, method: str) -> str:
     module docstring) is never picked by ``"auto"``: its first call compiles for seconds.
     """
     if method == "auto":
-        return "autograd"
+        # A network whose fixed factors are cheap only as cached jets (the potential distance of
+        # a mesh domain, a sum over its boundary facets) asks for the jet.
+        return "jet" if getattr(model, "prefers_jet", False) else "autograd"
     if method not in DERIVATIVE_METHODS:
         raise ValueError(f"method must be 'auto' or one of {DERIVATIVE_METHODS}, got {method!r}")
     needed = {"jet": "jet", "jet_compiled": "compiled_jet"}.get(method)

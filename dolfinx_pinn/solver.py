@@ -50,9 +50,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from dolfinx_pinn.boundary_value import BoundaryValueObjective, coarse_coefficient
 from dolfinx_pinn.coarse import CoarseProblem, CollocationPoints
 from dolfinx_pinn.coupling import CompressionOperator, allreduce_gradients
 from dolfinx_pinn.devices import select_device
+from dolfinx_pinn.geometry import MeshDomain
 from dolfinx_pinn.history import History
 from dolfinx_pinn.objectives import FullTensorHybridObjective, HybridObjective
 from dolfinx_pinn.problems import MultiscaleProblem
@@ -129,7 +131,17 @@ def _check_arguments(
 
 
 def _coarse_mesh(problem: MultiscaleProblem, comm: MPI.Comm, coarse_h: Any) -> dolfinx.mesh.Mesh:
-    """The uniform coarse mesh of size ``coarse_h`` (default :data:`DEFAULT_COARSE_H`)."""
+    """The uniform coarse mesh of size ``coarse_h`` (default :data:`DEFAULT_COARSE_H`).
+
+    On a mesh domain: the domain's own mesh, refined until its cells are at most ``coarse_h``
+    when that is given.
+    """
+    if isinstance(problem.domain, MeshDomain):
+        if coarse_h is None:
+            return problem.domain.mesh
+        ok = _is_number(coarse_h) and math.isfinite(coarse_h) and coarse_h > 0
+        _check("coarse_h", coarse_h, ok, "a finite number > 0")
+        return problem.domain.refined_mesh(float(coarse_h))
     h = DEFAULT_COARSE_H.get(problem.dim, 0.1) if coarse_h is None else coarse_h
     ok = _is_number(h) and math.isfinite(h) and h > 0
     _check("coarse_h", coarse_h, ok, "a finite number > 0")
@@ -226,26 +238,38 @@ class HybridSolver:
         self.mesh = (
             coarse_mesh if coarse_mesh is not None else _coarse_mesh(problem, comm, coarse_h)
         )
+        general = problem.boundary is not None
+        if general and self.full_tensor:
+            raise ValueError("full_tensor: upscales the lifted problem (4.8), not boundary data")
+        # Boundary data: the coarse tensor is fixed (see dolfinx_pinn.boundary_value).
+        fixed = coarse_coefficient(problem, comm) if general else None
         self.coarse = CoarseProblem(
             problem,
             self.mesh,
             parametrization="tensor" if self.full_tensor else "entry",
+            fixed_tensor=fixed,
             petsc_options=petsc_options,
         )
         hard = bool(getattr(network, "satisfies_boundary_condition", False))
-        if not hard and problem.dim > 1 and n_boundary is None:
+        # Neumann facets (insulated ones too) need boundary points whatever the network.
+        rows = not hard or (general and problem.boundary.dirichlet_tags is not None)  # type: ignore[union-attr]
+        if rows and problem.dim > 1 and n_boundary is None:
             n_boundary = max(4, n_interior // 10)
         self.points = CollocationPoints(
             self.mesh,
             count=int(n_interior),
-            boundary_count=None if (hard or problem.dim == 1) else int(n_boundary),
+            boundary_count=None if (not rows or problem.dim == 1) else int(n_boundary),
             seed=self.seed,
             sampling=sampling,
+            # A mesh domain's coarse mesh may be a refinement or a submesh: seed its cells by
+            # their coordinates, so that the points do not depend on the partition.
+            cell_keys="geometry" if isinstance(problem.domain, MeshDomain) else "auto",
         )
         self.compression = CompressionOperator(
             self.coarse, self.points, delta=delta, estimator=estimator
         )
         kind = FullTensorHybridObjective if self.full_tensor else HybridObjective
+        kind = BoundaryValueObjective if general else kind
         self.objective = kind(
             problem,
             self.network,

@@ -20,6 +20,7 @@ TINY = """
 name = "paper_1d"
 eps = 0.1
 [network]
+kind = "two_scale"
 k_max = 4
 width = 8
 [coarse]

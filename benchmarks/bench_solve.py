@@ -1,0 +1,163 @@
+"""The ε-robustness targets of ``dolfinx_pinn.solve`` (issue 12), each case in its own process.
+
+For each ε: ``dolfinx_pinn.solve(problem, reference=...)`` in a fresh worker process (so that its
+peak memory is its own), the median wall time over ``repeats`` solves, the relative L² and H¹
+errors, the unknowns and points (the same at every ε is the claim), the achieved GFLOP/s of the
+least-squares products against a plain dense ``AᵀA`` of the same size in the same process, and
+the peak resident memory.
+
+References: ``exact_1d`` in 1D; in 2D a P3 solve with ``cells_per_period`` cells per finest
+period (``solve_fine``), which fits on this machine down to ε = 0.02; below that the crossover
+benchmark's references apply (see ``bench_crossover.py``).
+
+Run alone: ``python benchmarks/bench_solve.py [--quick] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+EPS_1D = (1 / 15, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+EPS_2D = (0.1, 0.05, 0.02)
+TARGETS = {
+    1: {"rel_l2": 1e-8, "seconds": 2.0},
+    2: {"rel_l2": 1e-4, "rel_h1": 1e-3, "seconds": 10.0},
+}
+MEMORY_TARGET_GIB = 4.0
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One case, ``spec = {"dim", "eps", "repeats", "cells_per_period"}``, in its own process."""
+    from mpi4py import MPI  # noqa: F401
+
+    import dolfinx_pinn as dp
+    from dolfinx_pinn.least_squares import matmul_gflops
+
+    dim, eps = int(spec["dim"]), float(spec["eps"])
+    problem = dp.paper_1d(eps) if dim == 1 else dp.paper_2d(eps)
+    started = time.perf_counter()
+    if dim == 1:
+        reference = dp.exact_1d(problem)
+        reference_note = "exact_1d"
+    else:
+        reference = dp.solve_fine(
+            problem, degree=3, elements_per_period=int(spec["cells_per_period"])
+        )
+        reference_note = f"P3, {spec['cells_per_period']} cells per finest period"
+    reference_seconds = time.perf_counter() - started
+    times, solution = [], None
+    for _ in range(int(spec["repeats"])):
+        tick = time.perf_counter()
+        solution = dp.solve(problem)
+        times.append(time.perf_counter() - tick)
+    assert solution is not None
+    errors = dp.solve(problem, reference=reference).metrics
+    least_squares = solution.metrics["least_squares"]
+    rows = sum(least_squares["rows"])
+    return {
+        "dim": dim,
+        "eps": eps,
+        "seconds": statistics.median(times),
+        "rel_l2": errors["rel_l2"],
+        "rel_h1": errors["rel_h1"],
+        "converged": errors["converged"],
+        "unknowns": solution.metrics["unknowns"],
+        "points": rows,
+        "gflops": least_squares["gflops"],
+        "matmul_gflops": matmul_gflops(rows, least_squares["unknowns"]),
+        "peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "reference": reference_note,
+        "reference_seconds": reference_seconds,
+    }
+
+
+def _met(row: dict[str, Any]) -> bool:
+    target = TARGETS[row["dim"]]
+    return (
+        row["rel_l2"] <= target["rel_l2"]
+        and row.get("rel_h1", 0.0) <= target.get("rel_h1", float("inf"))
+        and row["seconds"] <= target["seconds"]
+        and row["peak_memory_gib"] <= MEMORY_TARGET_GIB
+    )
+
+
+def benchmark(quick: bool = False, repeats: int = 3) -> dict[str, Any]:
+    """Every ε of the targets (``quick``: two ε per dimension, one repeat), one process each."""
+    eps_1d = EPS_1D[1::3] if quick else EPS_1D
+    eps_2d = EPS_2D[:2] if quick else EPS_2D
+    cases = [(1, eps) for eps in eps_1d] + [(2, eps) for eps in eps_2d]
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for dim, eps in cases:
+            spec = {
+                "dim": dim,
+                "eps": eps,
+                "repeats": 1 if quick else repeats,
+                "cells_per_period": 8 if quick else 12,
+            }
+            path = Path(folder) / "spec.json"
+            path.write_text(json.dumps(spec))
+            result = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "--worker", str(path)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            row["target_met"] = _met(row)
+            rows.append(row)
+    return {"rows": rows, "markdown": markdown(rows)}
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The targets table: every figure beside its target, and whether it is met."""
+    lines = [
+        "| d | ε | rel L² | rel H¹ | time (s) | unknowns | points | GFLOP/s (LS / AᵀA) "
+        "| peak GiB | target | met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        target = TARGETS[row["dim"]]
+        wanted = f"L² ≤ {target['rel_l2']:.0e}" + (
+            f", H¹ ≤ {target['rel_h1']:.0e}" if "rel_h1" in target else ""
+        )
+        wanted += f", ≤ {target['seconds']:g} s, ≤ {MEMORY_TARGET_GIB:g} GiB"
+        lines.append(
+            f"| {row['dim']} | {row['eps']:.3g} | {row['rel_l2']:.2e} | {row['rel_h1']:.2e} "
+            f"| {row['seconds']:.2f} | {row['unknowns']} | {row['points']} "
+            f"| {row['gflops']:.1f} / {row['matmul_gflops']:.1f} | {row['peak_memory_gib']:.2f} "
+            f"| {wanted} | {'yes' if row['target_met'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker.read_text()))))
+        return 0
+    results = benchmark(args.quick, args.repeats)
+    print(results["markdown"])
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

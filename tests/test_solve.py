@@ -1,0 +1,171 @@
+"""Tests of the one call ``dolfinx_pinn.solve`` (issue 12): accuracy, ranks, configuration.
+
+Serially and under ``mpirun -n 2``: the parallel run compares the distributed solve with a
+solve on ``COMM_SELF`` of every rank, point by point.
+"""
+
+from mpi4py import MPI  # isort: skip
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import dolfinx_pinn as dp
+from dolfinx_pinn.auto import ConvergenceWarning, configure
+from dolfinx_pinn.problems import MultiscaleProblem
+
+COMM = MPI.COMM_WORLD
+
+
+@pytest.fixture(scope="module")
+def solution_1d():
+    problem = dp.paper_1d(1e-4)
+    return problem, dp.solve(problem, reference=dp.exact_1d(problem))
+
+
+def test_paper_1d_small_eps_against_exact(solution_1d):
+    problem, solution = solution_1d
+    metrics = solution.metrics
+    assert metrics["configuration"]["method"] == "basis"
+    assert metrics["rel_l2"] < 1e-7 and metrics["rel_h1"] < 1e-7, metrics
+    assert metrics["converged"], metrics["indicators"]
+    # The same unknowns at every ε: nothing grows with 1/ε.
+    assert metrics["unknowns"] == configure_unknowns(dp.paper_1d(1e-2))
+    # Values and gradients against the closed form at points of the user's choosing.
+    exact = dp.exact_1d(problem)
+    x = np.random.default_rng(3).random((257, 1))
+    scale = np.abs(exact.u(x[:, 0])).max()
+    assert np.abs(solution.value(x) - exact.u(x[:, 0])).max() < 1e-6 * scale
+    gradient = solution.gradient(x)
+    assert gradient.shape == (257, 1)
+    du = exact.du(x[:, 0])
+    assert np.abs(gradient[:, 0] - du).max() < 1e-6 * np.abs(du).max()
+    # K̃ is (4.10) of the solution: the homogenised coefficient (harmonic mean √3 of 2 + sin).
+    assert abs(metrics["K_tilde"] - np.sqrt(3.0)) < 1e-2
+
+
+def configure_unknowns(problem: MultiscaleProblem) -> int:
+    from dolfinx_pinn.basis import TwoScaleBasis
+
+    return TwoScaleBasis.for_problem(problem).num_features
+
+
+def test_ranks_agree_to_round_off(solution_1d):
+    """The distributed solve equals a solve on one rank (COMM_SELF) to 1e-10."""
+    problem, solution = solution_1d
+    single = dp.solve(problem, comm=MPI.COMM_SELF)
+    x = np.linspace(0.0, 1.0, 1001)[:, None]
+    scale = np.abs(single.value(x)).max()
+    assert np.abs(solution.value(x) - single.value(x)).max() < 1e-10 * scale
+    gradient_scale = np.abs(single.gradient(x)).max()
+    assert np.abs(solution.gradient(x) - single.gradient(x)).max() < 1e-10 * gradient_scale
+    # Every rank holds the same network.
+    values = COMM.allgather(solution.value(x[::50]))
+    assert all(np.array_equal(values[0], other) for other in values)
+
+
+def test_write(solution_1d, mpi_tmp_path):
+    _, solution = solution_1d
+    metrics = solution.write(mpi_tmp_path / "out", figures=False)
+    COMM.barrier()
+    assert metrics["rel_l2"] == solution.metrics["rel_l2"]
+    saved = json.loads((mpi_tmp_path / "out" / "metrics.json").read_text())
+    assert saved["configuration"]["method"] == "basis"
+    assert saved["least_squares"]["unknowns"] == solution.metrics["unknowns"]
+
+
+def test_configure_choices_and_errors():
+    assert configure(dp.paper_1d(0.01)).method == "basis"
+    assert configure(dp.paper_2d(0.05)).form == "normal"
+    assert configure(dp.paper_1d(0.01)).form == "qr"
+    hybrid = configure(dp.paper_1d(0.01), method="hybrid")
+    assert hybrid.method == "hybrid" and hybrid.network is not None
+    with pytest.raises(ValueError, match="unknown settings"):
+        configure(dp.paper_1d(0.01), points=3)
+    with pytest.raises(ValueError, match="point_factor must be >= 1"):
+        configure(dp.paper_1d(0.01), point_factor=0.5)
+    with pytest.raises(ValueError, match="method must be one of"):
+        configure(dp.paper_1d(0.01), method="fem")
+    with pytest.raises(ValueError, match="form must be"):
+        configure(dp.paper_1d(0.01), form="svd")
+    aperiodic = dp.weierstrass_1d()
+    assert configure(aperiodic, network=lambda p: None).method == "hybrid"
+    with pytest.raises(ValueError, match="periodic"):
+        configure(aperiodic)
+    with pytest.raises(ValueError, match="cannot serve"):
+        configure(aperiodic, method="basis")
+    with pytest.raises(ValueError, match="unknown setting"):
+        dp.solve(dp.paper_1d(0.01), basis={"k_maximum": 3})
+    with pytest.raises(ValueError, match="tol: needs a reference"):
+        dp.solve(dp.paper_1d(0.01), tol=1e-3)
+
+
+def test_missed_tolerance_warns():
+    problem = dp.paper_1d(1 / 15)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        solution = dp.solve(
+            problem, reference=dp.exact_1d(problem), tol=1e-30, basis={"degrees": (3, 3, 3, 3, 3)}
+        )
+    assert solution.metrics["tol_met"] is False
+    if COMM.rank == 0:
+        assert any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def test_cli_run_without_network_keys_uses_solve(mpi_tmp_path):
+    """A config that leaves the network out runs ``dolfinx_pinn.solve``'s own choice."""
+    from dolfinx_pinn.cli import main
+
+    path = mpi_tmp_path / "auto.toml"
+    output = mpi_tmp_path / "run"
+    if COMM.rank == 0:
+        path.write_text(
+            '[problem]\nname = "paper_1d"\neps = 0.001\n'
+            f'[run]\nprogress = false\nfigures = false\noutput = "{output}"\n'
+        )
+    COMM.barrier()
+    assert main(["run", str(path)]) == 0
+    COMM.barrier()
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["configuration"]["method"] == "basis"
+    assert metrics["config"]["network"]["kind"] == "auto"
+    assert metrics["rel_l2"] < 1e-7
+
+
+def test_solve_on_a_mesh_domain_takes_the_hybrid_path():
+    """An L-shaped mesh (no box): solve() trains the hybrid solver with a hard condition."""
+    import dolfinx
+
+    square = dolfinx.mesh.create_rectangle(COMM, [[-1.0, -1.0], [1.0, 1.0]], [8, 8])
+    keep = dolfinx.mesh.locate_entities(square, 2, lambda x: ~((x[0] > 0.0) & (x[1] > 0.0)))
+    mesh = dolfinx.mesh.create_submesh(square, 2, keep)[0]
+    problem = MultiscaleProblem(
+        lambda x, m: 3.0 + m.sin(2 * m.pi * x[0] / 0.25),
+        lambda x, m: 1.0 + 0.0 * x[0],
+        0.25,
+        dim=2,
+        period=(1.0, 1.0),
+        domain=mesh,
+        dirichlet=0.0,
+    )
+    assert configure(problem).method == "hybrid"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        solution = dp.solve(problem, n_interior=600, steps=1)
+    assert solution.metrics["configuration"]["method"] == "hybrid"
+    x = np.array([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5]])
+    assert np.all(np.isfinite(solution.value(x))) and solution.gradient(x).shape == (3, 2)
+
+
+def test_solve_3d_basis():
+    """paper_3d through the basis method at a small size: it runs and K̃ is admissible."""
+    problem = dp.paper_3d(0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        solution = dp.solve(problem, basis={"degrees": (4, 2, 2), "k_max": 3})
+    metrics = solution.metrics
+    assert metrics["configuration"]["method"] == "basis" and metrics["unknowns"] < 400
+    assert problem.alpha <= metrics["K_tilde"] <= problem.beta
+    assert np.isfinite(metrics["indicators"]["pde_residual"])
