@@ -27,7 +27,7 @@ from dolfinx_pinn.least_squares import (
     solve_output_layer,
 )
 from dolfinx_pinn.problems import MultiscaleProblem, paper_1d, paper_2d
-from dolfinx_pinn.reference import exact_1d, relative_errors, solve_fine
+from dolfinx_pinn.reference import exact_1d
 from dolfinx_pinn.residual import PDEBlock
 
 COMM = MPI.COMM_WORLD
@@ -299,25 +299,3 @@ def test_paper_1d_end_to_end():
     du = exact.du(x)
     h1 = math.sqrt((w * (gradient.numpy()[:, 0] - du) ** 2).sum() / (w * du**2).sum())
     assert l2 < 1e-7 and h1 < 1e-7, (l2, h1)
-
-
-@pytest.fixture(scope="module")
-def two_scale_2d_errors():
-    """paper_2d at eps = 0.2 and 0.04 (a factor 5), P3 references with 8 cells per period."""
-    errors = {}
-    for eps in (0.2, 0.04):
-        problem = paper_2d(eps)
-        reference = solve_fine(problem, degree=3, elements_per_period=8)
-        net = TwoScaleBasis.for_problem(problem, degrees=(16, 10, 6), layer_degree=8, k_max=8)
-        interior, boundary = default_points(
-            problem, net.num_features, rank=COMM.rank, size=COMM.size
-        )
-        solve_output_layer(problem, net, interior, boundary, allreduce=allreduce)
-        errors[eps] = relative_errors(net, reference, quadrature_degree=8)
-    return errors
-
-
-def test_paper_2d_flat_in_eps(two_scale_2d_errors):
-    (l2_a, h1_a), (l2_b, h1_b) = two_scale_2d_errors[0.2], two_scale_2d_errors[0.04]
-    assert max(l2_a, l2_b) < 2e-2 and max(h1_a, h1_b) < 6e-2, two_scale_2d_errors
-    assert 0.5 < l2_a / l2_b < 2.0 and 0.5 < h1_a / h1_b < 2.0, two_scale_2d_errors
