@@ -25,6 +25,9 @@ Cases (``--cases``, default all):
 - ``solve``: ``dolfinx_pinn.solve`` on ``paper_1d``/``paper_2d`` at every ε of the targets, each
   in its own process (time, errors, unknowns, GFLOP/s against a dense matmul, peak memory; see
   ``bench_solve.py``).
+- ``coefficients``: held-out coefficients (several harmonics, contrast to 10^4, a product, an
+  inclusion, an anisotropic tensor) through ``dolfinx_pinn.solve``, with the verdict's agreement
+  (see ``bench_coefficients.py``).
 - ``crossover``: plain DOLFINx FEM (P1/P2, MUMPS/GAMG, a ladder of meshes) against
   ``dolfinx_pinn.solve``, time to the same accuracy for each ε (see ``bench_crossover.py``);
   writes ``<host>-<device>-crossover.png``.
@@ -60,6 +63,7 @@ ALL_CASES = (
     "hybrid_2d",
     "parallel",
     "solve",
+    "coefficients",
     "crossover",
 )
 
@@ -255,6 +259,14 @@ def case_solve(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     return bench_solve.benchmark(quick=args.quick, repeats=args.repeats)
 
 
+def case_coefficients(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """See :func:`bench_coefficients.benchmark`: held-out coefficients through ``solve``."""
+    sys.path.insert(0, str(HERE))
+    import bench_coefficients
+
+    return bench_coefficients.benchmark(quick=args.quick)
+
+
 def case_crossover(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """See :func:`bench_crossover.benchmark` (``--quick``: fewer ε and rungs)."""
     sys.path.insert(0, str(HERE))
@@ -271,6 +283,7 @@ CASES: dict[str, Callable[[argparse.Namespace, torch.device], dict[str, Any]]] =
     "hybrid_2d": case_hybrid_2d,
     "parallel": case_parallel,
     "solve": case_solve,
+    "coefficients": case_coefficients,
     "crossover": case_crossover,
 }
 

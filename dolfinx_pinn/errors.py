@@ -22,7 +22,7 @@ from torch import nn
 
 from dolfinx_pinn.problems import MultiscaleProblem
 
-__all__ = ["ReferenceErrors", "reference_errors"]
+__all__ = ["ReferenceErrors", "pointwise_reference", "reference_errors"]
 
 _GAUSS_NODES = 6
 
@@ -171,3 +171,50 @@ def _is_dolfinx_function(reference: Any) -> bool:
     except ImportError:  # pragma: no cover - the network side alone (e.g. on a GPU machine)
         return False
     return isinstance(reference, Function)
+
+
+def pointwise_reference(uh: Any) -> tuple[Any, Any]:
+    """``(u, grad u)`` of a dolfinx Function as numpy callables at points ``(N, d)``.
+
+    For :class:`ReferenceErrors` on its own points (a QMC set where a Gauss grid would alias)
+    instead of quadrature on the Function's mesh. The gradient is interpolated into the
+    discontinuous vector space of the same degree (exact for Lagrange elements).
+
+    MPI: serial meshes only (every point must lie in a cell this process holds).
+    """
+    import basix.ufl
+    import dolfinx
+    import ufl
+
+    mesh = uh.function_space.mesh
+    if mesh.comm.size > 1:
+        raise ValueError("uh: pointwise_reference needs a serial mesh (e.g. on MPI.COMM_SELF)")
+    dim = mesh.geometry.dim
+    element = basix.ufl.element(
+        "DG", mesh.basix_cell(), uh.function_space.element.basix_element.degree, shape=(dim,)
+    )
+    space = dolfinx.fem.functionspace(mesh, element)
+    gradient = dolfinx.fem.Function(space)
+    gradient.interpolate(dolfinx.fem.Expression(ufl.grad(uh), space.element.interpolation_points))
+    tree = dolfinx.geometry.bb_tree(mesh, mesh.topology.dim)
+
+    def located(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        points = np.asarray(points, dtype=np.float64).reshape(-1, dim)
+        padded = np.zeros((len(points), 3))
+        padded[:, :dim] = points
+        candidates = dolfinx.geometry.compute_collisions_points(tree, padded)
+        colliding = dolfinx.geometry.compute_colliding_cells(mesh, candidates, padded)
+        counts = np.diff(colliding.offsets)
+        if np.any(counts == 0):
+            raise ValueError("points: some lie outside the reference's mesh")
+        return padded, colliding.array[colliding.offsets[:-1]]
+
+    def value(points: np.ndarray) -> np.ndarray:
+        padded, cells = located(points)
+        return uh.eval(padded, cells)[:, 0]
+
+    def grad(points: np.ndarray) -> np.ndarray:
+        padded, cells = located(points)
+        return gradient.eval(padded, cells)
+
+    return value, grad
