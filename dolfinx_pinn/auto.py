@@ -250,16 +250,39 @@ class Solution:
         return torch.as_tensor(x, dtype=parameter.dtype, device=parameter.device)
 
     def value(self, points: Any) -> np.ndarray:
-        """The solution u at points ``(N, d)``, shape ``(N,)`` (local; the same on every rank)."""
-        with torch.no_grad():
-            return self.network(self._tensor(points)).reshape(-1).cpu().numpy()
+        """The solution u at points ``(N, d)``, shape ``(N,)`` (local; the same on every rank).
+
+        Evaluated in chunks of :attr:`chunk_size` points, so memory stays bounded for any N.
+        """
+        return self._evaluate(points, gradient=False)
 
     def gradient(self, points: Any) -> np.ndarray:
-        """∇u at points ``(N, d)``, shape ``(N, d)`` (local)."""
-        x = self._tensor(points).requires_grad_(True)
-        with torch.enable_grad():
-            (gradient,) = torch.autograd.grad(self.network(x).sum(), x)
-        return gradient.detach().cpu().numpy()
+        """∇u at points ``(N, d)``, shape ``(N, d)`` (local, in chunks)."""
+        return self._evaluate(points, gradient=True)
+
+    chunk_size = 4096
+
+    def _evaluate(self, points: Any, gradient: bool) -> np.ndarray:
+        x = self._tensor(points)
+        analytic = getattr(self.network, "value_and_gradient", None)
+        parts = []
+        for start in range(0, len(x), self.chunk_size):
+            chunk = x[start : start + self.chunk_size]
+            if analytic is not None:
+                with torch.no_grad():
+                    value, grad = analytic(chunk)
+                parts.append((grad if gradient else value).cpu().numpy())
+            elif gradient:
+                chunk = chunk.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    (grad,) = torch.autograd.grad(self.network(chunk).sum(), chunk)
+                parts.append(grad.detach().cpu().numpy())
+            else:
+                with torch.no_grad():
+                    parts.append(self.network(chunk).reshape(-1).cpu().numpy())
+        if not parts:
+            return np.zeros((0, self.problem.dim) if gradient else (0,))
+        return np.concatenate(parts)
 
     # -- the interface of dolfinx_pinn.io ---------------------------------------------------------
     predict = value

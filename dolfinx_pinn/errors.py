@@ -73,7 +73,7 @@ class ReferenceErrors:
         if min(self._norms) <= 0:
             raise ValueError("reference: its L² norm or H¹ seminorm is zero")
 
-    def __call__(self, model: nn.Module, chunk: int = 20_000) -> tuple[float, float]:
+    def __call__(self, model: nn.Module, chunk: int = 4096) -> tuple[float, float]:
         """``(relative L², relative H¹ seminorm)`` of ``model`` (points ``(N, d)`` -> ``(N,)``)."""
         parameter = next(model.parameters())
         values, gradients = [], []
