@@ -407,23 +407,25 @@ class LegendreSlowBasis(nn.Module):
         return int(self.indices.shape[0])
 
     def jet(
-        self, x: torch.Tensor, derivative: Sequence[int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, derivative: Sequence[int] | None = None, second: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Values ``(N, S)``, gradients ``(N, d, S)`` and Hessians ``(N, d, d, S)``.
 
         Args:
             x: Points ``(N, d)``.
             derivative: A multi-index ``(m_1, ..., m_d)``: the jet of ``D^m S`` instead of S.
+            second: Compute the Hessians (``None`` in their place otherwise).
         """
         d = self.dim
+        orders = 3 if second else 2
         shift = [0] * d if derivative is None else [int(v) for v in derivative]
         t = 2.0 * (x - self.lower) / self.lengths - 1.0
         factor = 2.0 / self.lengths
-        tables = [_legendre_table(t[:, j], self.degree, shift[j] + 2) for j in range(d)]
+        tables = [_legendre_table(t[:, j], self.degree, shift[j] + orders - 1) for j in range(d)]
         parts = [
             [
                 tables[j][q + shift[j]][:, self.indices[:, j]] * factor[j] ** (q + shift[j])
-                for q in range(3)
+                for q in range(orders)
             ]
             for j in range(d)
         ]
@@ -436,6 +438,8 @@ class LegendreSlowBasis(nn.Module):
 
         value = product({})
         gradient = torch.stack([product({j: 1}) for j in range(d)], dim=1)
+        if not second:
+            return value, gradient, None
         rows = []
         for j in range(d):
             rows.append(
@@ -463,29 +467,44 @@ class _FourierFamily(nn.Module):
     def size(self) -> int:
         return int(self.coefficients_real.shape[1])
 
+    def _weights(self, hessian: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with ``[F, ∂_j F, ∂_j ∂_m F] = cos(phase) @ A + sin(phase) @ B``.
+
+        The derivative weights (κ_j/ε, κ_j κ_m/ε²) are folded into the coefficients once, so an
+        evaluation is two ``(N, H) @ (H, r (1 + d (+ d²)))`` products after the cos/sin table.
+        """
+        key = "_weights_hessian" if hessian else "_weights_gradient"
+        cached = self.__dict__.get(key)
+        if cached is not None and cached[0].device == self.kappa.device:
+            return cached
+        cr, ci = self.coefficients_real, self.coefficients_imag
+        k = self.kappa / self.eps
+        d = k.shape[1]
+        # Re[(cos + i sin)(cr + i ci)] = cos cr - sin ci; each ∂_j multiplies by i k_j.
+        A, B = [cr], [-ci]
+        for j in range(d):
+            A.append(-k[:, j : j + 1] * ci)
+            B.append(-k[:, j : j + 1] * cr)
+        if hessian:
+            for j in range(d):
+                for m in range(d):
+                    w = (k[:, j] * k[:, m])[:, None]
+                    A.append(-w * cr)
+                    B.append(w * ci)
+        cached = (torch.cat(A, 1).contiguous(), torch.cat(B, 1).contiguous())
+        self.__dict__[key] = cached
+        return cached
+
     def jet(self, x: torch.Tensor, hessian: bool = True) -> tuple[Any, Any, Any]:
         phase = (x / self.eps) @ self.kappa.T  # (N, H)
-        cos, sin = torch.cos(phase), torch.sin(phase)
-        cr, ci = self.coefficients_real, self.coefficients_imag
-        # Re[(cos + i sin)(cr + i ci)] = cos cr - sin ci; i κ times it: -(sin cr + cos ci) κ.
-        value = cos @ cr - sin @ ci
-        odd = sin @ cr  # reused below through the κ-weighted products
-        del odd
-        k = self.kappa / self.eps
-        d = x.shape[1]
-        gradient = torch.stack(
-            [-(sin * k[:, j]) @ cr - (cos * k[:, j]) @ ci for j in range(d)], dim=1
-        )
+        A, B = self._weights(hessian)
+        out = torch.cos(phase) @ A + torch.sin(phase) @ B
+        r, d, n = self.size, x.shape[1], x.shape[0]
+        value = out[:, :r]
+        gradient = out[:, r : r * (1 + d)].reshape(n, d, r)
         if not hessian:
             return value, gradient, None
-        rows = []
-        for j in range(d):
-            row = []
-            for m in range(d):
-                w = k[:, j] * k[:, m]
-                row.append(-((cos * w) @ cr - (sin * w) @ ci))
-            rows.append(torch.stack(row, dim=1))
-        return value, gradient, torch.stack(rows, dim=1)
+        return value, gradient, out[:, r * (1 + d) :].reshape(n, d, d, r)
 
 
 class _LayerFamily(nn.Module):
@@ -735,7 +754,7 @@ class TwoScaleBasis(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x: points must have shape (N, {self.dim}), got {tuple(x.shape)}")
         x = x.to(torch.float64)
-        slow = self.slow.jet(x)
+        slow = self.slow.jet(x, second=hessian)
         fast = self._fast_jets(x, hessian)
         ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
         zeros = torch.zeros(x.shape[0], self.dim, 1, dtype=x.dtype, device=x.device)
@@ -814,19 +833,26 @@ class TwoScaleBasis(nn.Module):
         return torch.cat(rows, 1)
 
     def value_and_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``v (N,)`` and ``∇v (N, d)`` without second derivatives (evaluation, errors)."""
+        """``v (N,)`` and ``∇v (N, d)`` without second derivatives (evaluation, errors).
+
+        The slow coefficient of every fast function is one product ``S @ W`` with the output
+        weights scattered into a ``(slow functions, blocks)`` matrix, not a gather per block.
+        """
         (S, gS, _), fast, constant = self._pieces(x, False)
         weight = self.output.weight[0]
+        scattered = torch.zeros(S.shape[1], len(self._blocks), dtype=S.dtype, device=S.device)
+        offset = 0
+        for b, (_, _, columns) in enumerate(self._blocks):
+            scattered[columns.to(S.device), b] = weight[offset : offset + len(columns)]
+            offset += len(columns)
+        Sc = S @ scattered  # (N, blocks)
+        gSc = gS @ scattered  # (N, d, blocks)
         value = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) + self.output.bias
         gradient = torch.zeros(x.shape[0], self.dim, dtype=torch.float64, device=x.device)
-        offset = 0
-        for family, column, columns in self._blocks:
+        for b, (family, column, _) in enumerate(self._blocks):
             F, gF, _ = self._fast_of(fast, constant, family, column)
-            c = weight[offset : offset + len(columns)]
-            offset += len(columns)
-            Sc = S[:, columns] @ c
-            value = value + F * Sc
-            gradient = gradient + gF * Sc[:, None] + F[:, None] * (gS[:, :, columns] @ c)
+            value = value + F * Sc[:, b]
+            gradient = gradient + gF * Sc[:, b, None] + F[:, None] * gSc[:, :, b]
         return value, gradient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
