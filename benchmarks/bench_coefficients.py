@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_solve import run_worker
 
 CASES_1D = (
     ("paper_1d", {"eps": 1 / 15}),
@@ -93,15 +95,7 @@ def benchmark(quick: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         for name, settings in cases:
             spec = {"name": name, "settings": settings, "cells_per_period": 6 if quick else 8}
-            path = Path(folder) / "spec.json"
-            path.write_text(json.dumps(spec))
-            result = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--worker", str(path)],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            row = json.loads(result.stdout.strip().splitlines()[-1])
+            row = run_worker(Path(__file__), spec, Path(folder))
             target = TARGETS[row["dim"]]
             row["target_met"] = (
                 row["rel_l2"] <= target["rel_l2"]

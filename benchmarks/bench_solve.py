@@ -82,6 +82,19 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_worker(script: Path, spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``script --worker spec.json`` in a fresh process; its last stdout line as JSON."""
+    path = folder / "spec.json"
+    path.write_text(json.dumps(spec))
+    result = subprocess.run(
+        [sys.executable, str(Path(script).resolve()), "--worker", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def _met(row: dict[str, Any]) -> bool:
     target = TARGETS[row["dim"]]
     return (
@@ -106,15 +119,7 @@ def benchmark(quick: bool = False, repeats: int = 3) -> dict[str, Any]:
                 "repeats": 1 if quick else repeats,
                 "cells_per_period": 8 if quick else 12,
             }
-            path = Path(folder) / "spec.json"
-            path.write_text(json.dumps(spec))
-            result = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--worker", str(path)],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            row = json.loads(result.stdout.strip().splitlines()[-1])
+            row = run_worker(Path(__file__), spec, Path(folder))
             row["target_met"] = _met(row)
             rows.append(row)
     return {"rows": rows, "markdown": markdown(rows)}

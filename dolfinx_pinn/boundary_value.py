@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dolfinx_pinn.networks import HardBoundaryNet, _input_jet, _product_jet
+from dolfinx_pinn.networks import HardBoundaryNet, _input_jet, _product_jet, jet_cacheable
 from dolfinx_pinn.objectives import HybridObjective
 from dolfinx_pinn.problems import MultiscaleProblem
 from dolfinx_pinn.residual import EmptyBlock, ResidualBlock, _PointwiseBlock
@@ -161,13 +161,7 @@ class DirichletNet(HardBoundaryNet):
     ) -> list[Jet]:
         """The jets of φ (and G), cached like :meth:`HardBoundaryNet._distance_jet`."""
         functions = [self.distance] + ([] if self.lift is None else [self.lift])
-        cacheable = (
-            directions is None
-            and not x.requires_grad
-            and not x.is_inference()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-            and not torch.compiler.is_compiling()
-        )
+        cacheable = jet_cacheable(x, directions)
         if not cacheable:
             return _function_jets(functions, x, full_hessian, directions)
         cache: list[tuple[torch.Tensor, int, bool, list[Jet]]] = self.__dict__.setdefault(

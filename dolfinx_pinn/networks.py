@@ -769,6 +769,21 @@ def _distance_jet(
     return value, grad, second
 
 
+def jet_cacheable(x: torch.Tensor, directions: torch.Tensor | None) -> bool:
+    """Whether the fixed factors' jets at ``x`` may be cached (plain points, coordinate axes).
+
+    Points with ``requires_grad``, inference tensors, points under ``torch.func`` transforms
+    and tracing are never cached.
+    """
+    return (
+        directions is None
+        and not x.requires_grad
+        and not x.is_inference()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and not torch.compiler.is_compiling()
+    )
+
+
 class HardBoundaryNet(_JetNetwork):
     """The hard boundary condition ``v(x) = l(x) N(x)`` (the paper's, ``l = 4x(1 - x)`` in 1D).
 
@@ -813,13 +828,7 @@ class HardBoundaryNet(_JetNetwork):
         identity and version counter (an in-place change of the points invalidates it); points
         under ``torch.func`` transforms or tracing are never cached.
         """
-        cacheable = (
-            directions is None
-            and not x.requires_grad
-            and not x.is_inference()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-            and not torch.compiler.is_compiling()
-        )
+        cacheable = jet_cacheable(x, directions)
         if not cacheable:
             return _distance_jet(self.distance, x, full_hessian, directions)
         cache: list[tuple[torch.Tensor, int, bool, Any, Jet]] = self.__dict__.setdefault(
