@@ -217,6 +217,25 @@ def _load_legacy_checkpoint(loop: Any, network: torch.nn.Module, path: Path) -> 
     return loop.step
 
 
+def adam_options(
+    args: argparse.Namespace, checkpoint_dir: Path, resume: bool, callback: Any
+) -> dict[str, Any]:
+    """The paper's Adam settings and this script's checkpointing, shared by both methods."""
+    return {
+        "lr": LR0,
+        "decay_rate": DECAY_RATE,
+        "decay_steps": DECAY_STEPS,
+        "balancing": True,
+        "balance_every": BALANCE_EVERY,
+        "eval_every": args.eval_every,
+        "checkpoint_every": args.checkpoint_every,
+        "checkpoint_dir": checkpoint_dir,
+        "resume": checkpoint_dir if resume else None,
+        "progress": False,
+        "callback": callback,
+    }
+
+
 def run_ms_pinn(args: argparse.Namespace, problem: Any, folder: Path, meta: dict) -> dict:
     """The plain Ms-PINN with the paper's Adam (returns the history)."""
     from dolfinx_pinn.trainers import build_training_loop
@@ -242,19 +261,7 @@ def run_ms_pinn(args: argparse.Namespace, problem: Any, folder: Path, meta: dict
             last = solver.history["l2"][-1] if solver.history["l2"] else float("nan")
             print(f"step {step}: loss {record['loss']:.3e}, rel L2 {last:.3e}", flush=True)
 
-    options = dict(
-        lr=LR0,
-        decay_rate=DECAY_RATE,
-        decay_steps=DECAY_STEPS,
-        balancing=True,
-        balance_every=BALANCE_EVERY,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        checkpoint_dir=checkpoint_dir,
-        resume=checkpoint_dir if resume else None,
-        progress=False,
-        callback=callback,
-    )
+    options = adam_options(args, checkpoint_dir, resume, callback)
     try:
         if args.resume and not resume and legacy.is_file():
             # What PINNSolver.train does, with the earlier checkpoint loaded in between.
@@ -307,20 +314,10 @@ def run_hybrid(args: argparse.Namespace, problem: Any, folder: Path, meta: dict)
             solver.train(
                 "adam",
                 args.steps,
-                lr=LR0,
-                decay_rate=DECAY_RATE,
-                decay_steps=DECAY_STEPS,
-                balancing=True,
-                balance_every=BALANCE_EVERY,
                 tau2_schedule="constant",
                 lazy_every=LAZY_EVERY,
                 lazy_tol=LAZY_TOL,
-                eval_every=args.eval_every,
-                checkpoint_every=args.checkpoint_every,
-                checkpoint_dir=checkpoint_dir,
-                resume=checkpoint_dir if resume else None,
-                progress=False,
-                callback=callback,
+                **adam_options(args, checkpoint_dir, resume, callback),
             )
         finally:
             history = solver.history
