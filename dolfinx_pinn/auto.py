@@ -70,6 +70,11 @@ class SolveConfiguration:
             ``boundary_factor`` times the unknowns, else the hybrid solver's default.
         point_factor: Interior points per unknown of the basis.
         boundary_factor: Boundary points per unknown of the basis.
+        layer_point_factor: Extra interior points per boundary-layer unknown of the basis,
+            drawn in slabs along the faces as wide as the layers' decay
+            (:class:`~dolfinx_pinn.stratified.StratifiedPoints`, weighted so that the loss
+            is the same); 0 for uniform points only.
+        corner_point_factor: Extra points in the corner boxes, per boundary-layer unknown.
         basis: Settings of :class:`~dolfinx_pinn.basis.BasisConfig` (``degrees``, ``order``,
             ``boundary_layers``, ...) over those :func:`~dolfinx_pinn.basis.choose_config`
             takes from the problem.
@@ -82,6 +87,8 @@ class SolveConfiguration:
         tau2_schedule: ``"continuation"`` (τ2 → 0) or ``"constant"`` (hybrid).
         tau2_decay: The continuation factor per step (hybrid).
         form: The least-squares form (``"auto"``: QR in 1D, ``"normal"`` in 2D/3D).
+        ridge: The relative ridge of the basis's least squares (``None``: the default of
+            :func:`~dolfinx_pinn.least_squares.solve_output_layer` for the form).
         seed: The seed of the points and the network.
         thresholds: Overrides of the verdict's thresholds.
     """
@@ -93,6 +100,8 @@ class SolveConfiguration:
     n_boundary: int | None = None
     point_factor: float = 3.0
     boundary_factor: float = 1.0
+    layer_point_factor: float = 3.0
+    corner_point_factor: float = 1.0
     basis: dict[str, Any] = field(default_factory=dict)
     sampling: str = "sobol"
     coarse_h: float | None = None
@@ -103,6 +112,7 @@ class SolveConfiguration:
     tau2_schedule: str = "continuation"
     tau2_decay: float = 1e-5
     form: str = "auto"
+    ridge: float | None = None
     seed: int = 0
     thresholds: dict[str, float] = field(default_factory=dict)
 
@@ -115,6 +125,10 @@ class SolveConfiguration:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("layer_point_factor", "corner_point_factor"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not (self.point_factor >= 1.0):
             raise ValueError(
                 f"point_factor must be >= 1 (fewer points than unknowns leave the least "
@@ -472,6 +486,9 @@ def _solve_basis(
         boundary = (
             points.torch_boundary(cpu, torch.float64) if points.global_boundary_count else None
         )
+        interior, weights, extra = _layer_points(
+            problem, network, configuration, interior, points.global_interior_count, comm
+        )
         prepared = time.perf_counter()
         form = configuration.form
         if form == "auto":
@@ -484,8 +501,10 @@ def _solve_basis(
             form=form,
             allreduce=lambda tensor: _allreduce(tensor, comm),
             allgather=lambda tensor: _allgather(tensor, comm),
-            total_interior=points.global_interior_count,
+            total_interior=points.global_interior_count + extra,
             total_boundary=points.global_boundary_count,
+            interior_weights=weights,
+            ridge=configuration.ridge,
         )
         # The consistency gap Q̄v - y_h(K̃) is the coarse model's own bias (Theorem 3.2 of
         # Hintermüller & Korolev) for a fine solution that no coupling pulled towards y_h: it
@@ -500,9 +519,40 @@ def _solve_basis(
             "total": time.perf_counter() - started,
         }
         metrics["n_interior"], metrics["n_boundary"] = result.rows
+        metrics["n_layer_points"] = extra
         metrics["unknowns"] = unknowns
         metrics["device"] = "cpu"
         return Solution(solver, metrics, verdict_)
+
+
+def _layer_points(
+    problem: MultiscaleProblem,
+    network: Any,
+    configuration: SolveConfiguration,
+    interior: torch.Tensor,
+    uniform_count: int,
+    comm: MPI.Comm,
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The least-squares points: the uniform ones plus extra points in the layers (collective).
+
+    Returns ``(points, weights or None, extra points over all ranks)``; without layers (or
+    with both factors 0) the uniform points and their uniform weight.
+    """
+    from dolfinx_pinn.stratified import StratifiedPoints, layer_groups
+
+    layer_unknowns = network.layer_unknowns
+    faces = math.ceil(configuration.layer_point_factor * layer_unknowns)
+    corners = math.ceil(configuration.corner_point_factor * layer_unknowns)
+    if layer_unknowns == 0 or faces + corners == 0:
+        return interior, None, 0
+    domain = problem.domain
+    widths = network.layer_widths()
+    groups = layer_groups(domain.lower, domain.upper, widths, faces, corners)
+    sampler = StratifiedPoints(domain.measure, uniform_count, groups)
+    extra = sampler.draw(comm.rank, comm.size, configuration.seed)
+    points = np.concatenate([interior.numpy(), extra.reshape(-1, problem.dim)])
+    weights = torch.from_numpy(sampler.weights(points))
+    return torch.from_numpy(points), weights, sampler.extra_count
 
 
 def _allreduce(tensor: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:

@@ -588,7 +588,7 @@ class BasisConfig:
     boundary_layers: bool = True
     layer_order: int = 1
     layer_degree: int = 14
-    layer_normal_degree: int = 1
+    layer_normal_degree: int = 2
     tol: float = 1e-10
     k_max: int | None = None
     reasons: dict[str, str] = field(default_factory=dict)
@@ -618,7 +618,8 @@ def choose_config(problem: MultiscaleProblem, **overrides: Any) -> BasisConfig:
       ``|β| > p + 2``), so order ``p + 3`` (at least 4) with degree 8 is exact up to the
       corrector truncation; no boundary layers exist (the boundary is two points).
     * 2D/3D: order 2, degrees from the source's length scale ``ℓ = ‖q‖/‖∇q‖`` (about
-      ``1.6 / ℓ`` for the mean part, capped to 30), boundary layers on in 2D.
+      ``2.1 / ℓ`` for the mean part, within [24, 30] in 2D and [8, 12] in 3D), boundary
+      layers on in 2D.
     """
     d = problem.dim
     config = BasisConfig()
@@ -629,12 +630,14 @@ def choose_config(problem: MultiscaleProblem, **overrides: Any) -> BasisConfig:
     else:
         scale = _source_scale(problem)
         # 3D: the unknowns grow like degree³, so the cap is lower (about 4 000 unknowns).
-        cap = 30 if d == 2 else 12
-        top = int(min(cap, max(8, math.ceil(1.6 / max(scale, 1e-12)))))
+        # The slow coefficients carry more than the homogenised solution (the lifting, the
+        # layers' tails, the higher-order terms): a floor on the degree whatever the source.
+        floor, cap = (24, 30) if d == 2 else (8, 12)
+        top = int(min(cap, max(floor, math.ceil(2.1 / max(scale, 1e-12)))))
         config.degrees = (top, max(6, top - 6), max(4, top - 12))
         config.reasons["degrees"] = f"source length scale {scale:.3g} -> mean degree {top}"
         config.boundary_layers = d == 2
-        config.layer_degree = max(8, top - 10)
+        config.layer_degree = max(8, top - 16)
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise ValueError(f"unknown setting {key!r}; one of {sorted(vars(config))}")
@@ -697,6 +700,8 @@ class TwoScaleBasis(nn.Module):
         for column, key in enumerate(keys):
             blocks.append((0, column, total_degree_indices(self.dim, config.degrees[len(key)])))
         self.trace_misfit = 0.0
+        # The slowest decay rate |Re λ| of the layers at the faces normal to each axis.
+        self.layer_decay: dict[int, float] = {}
         if config.boundary_layers and self.dim == 2:
             layer_keys = cell.keys(config.layer_order)
             for axis in range(self.dim):
@@ -705,6 +710,8 @@ class TwoScaleBasis(nn.Module):
                         axis, side, face, layer_keys
                     )
                     self.trace_misfit = max(self.trace_misfit, misfit)
+                    slowest = float(np.abs(lam.real).min()) if len(lam) else math.inf
+                    self.layer_decay[axis] = min(self.layer_decay.get(axis, math.inf), slowest)
                     family = _LayerFamily(
                         problem.eps, axis, face, lam, P, kappa_b, alpha, problem.eps
                     )
@@ -735,6 +742,24 @@ class TwoScaleBasis(nn.Module):
             self.output.weight.zero_()
             self.output.bias.zero_()
         self.output.bias.requires_grad_(False)
+
+    @property
+    def layer_unknowns(self) -> int:
+        """The output-layer unknowns of the boundary-layer features."""
+        return sum(len(columns) for family, _, columns in self._blocks if family >= 1)
+
+    def layer_widths(self, tolerance: float = 1e-6) -> list[float]:
+        """Per axis, the distance from a face over which its layers decay to ``tolerance``.
+
+        ``ε log(1/tolerance) / min |Re λ|`` (0 for an axis without layers): the slowest Bloch
+        mode sets the width of the region whose unknowns need points of their own.
+        """
+        return [
+            self.eps * math.log(1.0 / tolerance) / self.layer_decay[axis]
+            if axis in self.layer_decay
+            else 0.0
+            for axis in range(self.dim)
+        ]
 
     @classmethod
     def for_problem(cls, problem: MultiscaleProblem, **overrides: Any) -> TwoScaleBasis:
@@ -810,18 +835,23 @@ class TwoScaleBasis(nn.Module):
         (S, gS, hS), fast, constant = self._pieces(x, True)
         LS = torch.einsum("njk,njks->ns", K, hS) + torch.einsum("nj,njs->ns", drift, gS)
         KS = torch.einsum("njk,nks->njs", K, gS)
-        rows = []
+        # Written block by block into one array, in place: the rows are memory-bound.
+        rows = torch.empty(x.shape[0], self.num_features, dtype=x.dtype, device=x.device)
+        offset = 0
         for family, column, columns in self._blocks:
+            block = rows[:, offset : offset + len(columns)]
+            offset += len(columns)
+            if family < 0:  # the constant 1: L(S) alone
+                block.copy_(LS[:, columns]).neg_()
+                continue
             F, gF, hF = self._fast_of(fast, constant, family, column)
             LF = torch.einsum("njk,njk->n", K, hF) + (drift * gF).sum(1)
-            rows.append(
-                -(
-                    F[:, None] * LS[:, columns]
-                    + LF[:, None] * S[:, columns]
-                    + 2.0 * torch.einsum("njs,nj->ns", KS[:, :, columns], gF)
-                )
-            )
-        return torch.cat(rows, 1)
+            block.copy_(LS[:, columns]).mul_(F[:, None])
+            block.addcmul_(S[:, columns], LF[:, None])
+            for j in range(self.dim):
+                block.addcmul_(KS[:, j, columns], gF[:, j : j + 1], value=2.0)
+            block.neg_()
+        return rows
 
     def value_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Feature values ``(N, n)`` (the rows of Dirichlet conditions)."""
@@ -832,32 +862,55 @@ class TwoScaleBasis(nn.Module):
             rows.append(F[:, None] * S[:, columns])
         return torch.cat(rows, 1)
 
-    def value_and_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``v (N,)`` and ``∇v (N, d)`` without second derivatives (evaluation, errors).
-
-        The slow coefficient of every fast function is one product ``S @ W`` with the output
-        weights scattered into a ``(slow functions, blocks)`` matrix, not a gather per block.
-        """
-        (S, gS, _), fast, constant = self._pieces(x, False)
+    def _scattered_weights(self, S: torch.Tensor) -> torch.Tensor:
+        """The output weights as a ``(slow functions, blocks)`` matrix."""
         weight = self.output.weight[0]
         scattered = torch.zeros(S.shape[1], len(self._blocks), dtype=S.dtype, device=S.device)
         offset = 0
         for b, (_, _, columns) in enumerate(self._blocks):
             scattered[columns.to(S.device), b] = weight[offset : offset + len(columns)]
             offset += len(columns)
-        Sc = S @ scattered  # (N, blocks)
-        gSc = gS @ scattered  # (N, d, blocks)
-        value = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) + self.output.bias
-        gradient = torch.zeros(x.shape[0], self.dim, dtype=torch.float64, device=x.device)
+        return scattered
+
+    def _solution_jet(self, x: torch.Tensor, hessian: bool) -> tuple[Any, Any, Any]:
+        """``v``, ``∇v`` and (with ``hessian``) ``∇²v`` ``(N, d, d)`` of the solution.
+
+        The slow coefficient of every fast function is one product ``S @ W`` with the output
+        weights scattered into a ``(slow functions, blocks)`` matrix, so the cost is that of
+        the slow and fast jets, not of the ``n`` features.
+        """
+        (S, gS, hS), fast, constant = self._pieces(x, hessian)
+        scattered = self._scattered_weights(S)
+        Sc, gSc = S @ scattered, gS @ scattered  # (N, blocks), (N, d, blocks)
+        hSc = hS @ scattered if hessian else None
+        n, d = x.shape[0], self.dim
+        value = torch.zeros(n, dtype=torch.float64, device=x.device) + self.output.bias
+        gradient = torch.zeros(n, d, dtype=torch.float64, device=x.device)
+        second = torch.zeros(n, d, d, dtype=torch.float64, device=x.device) if hessian else None
         for b, (family, column, _) in enumerate(self._blocks):
-            F, gF, _ = self._fast_of(fast, constant, family, column)
-            value = value + F * Sc[:, b]
-            gradient = gradient + gF * Sc[:, b, None] + F[:, None] * gSc[:, :, b]
+            F, gF, hF = self._fast_of(fast, constant, family, column)
+            c, gc = Sc[:, b], gSc[:, :, b]
+            value = value + F * c
+            gradient = gradient + gF * c[:, None] + F[:, None] * gc
+            if hessian:
+                cross = gF[:, :, None] * gc[:, None, :]
+                second = (
+                    second
+                    + hF * c[:, None, None]
+                    + cross
+                    + cross.transpose(1, 2)
+                    + F[:, None, None] * hSc[:, :, :, b]
+                )
+        return value, gradient, second
+
+    def value_and_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``v (N,)`` and ``∇v (N, d)`` without second derivatives (evaluation, errors, K̃)."""
+        value, gradient, _ = self._solution_jet(x, hessian=False)
         return value, gradient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Values ``(N,)`` at points ``(N, d)``."""
-        return self.output(self.value_rows(x))[:, 0]
+        return self._solution_jet(x, hessian=False)[0]
 
     def jet(
         self, x: torch.Tensor, full_hessian: bool = False, directions: torch.Tensor | None = None
@@ -872,17 +925,16 @@ class TwoScaleBasis(nn.Module):
         Returns:
             ``(value (N,), gradient (N, r), Laplacian (N,) or Hessian (N, r, r))``.
         """
-        need_hessian = full_hessian or directions is not None
-        phi, grad, second = self.feature_jet(x, full_hessian=need_hessian)
-        weight, bias = self.output.weight[0], self.output.bias[0]
-        value = phi @ weight + bias
-        gradient = grad @ weight
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x: points must have shape (N, {self.dim}), got {tuple(x.shape)}")
+        value, gradient, hessian = self._solution_jet(x, hessian=True)
         if directions is None:
-            return value, gradient, second @ weight
+            if full_hessian:
+                return value, gradient, hessian
+            return value, gradient, torch.diagonal(hessian, 0, 1, 2).sum(-1)
         tangents = directions.to(x.dtype)
         if tangents.ndim == 2:
             tangents = tangents.expand(x.shape[0], *tangents.shape)
-        hessian = second @ weight
         projected = tangents @ hessian @ tangents.transpose(1, 2)
         gradient = (tangents @ gradient.unsqueeze(-1))[..., 0]
         if full_hessian:

@@ -144,9 +144,14 @@ def upscaled_coefficient(
     i = problem.lifting_direction if direction is None else direction
     if not 0 <= i < problem.dim:
         raise ValueError(f"direction must be in [0, {problem.dim - 1}], got {i}")
-    x = x.detach().requires_grad_(True)
-    values = network(x).reshape(-1)
-    (gradient,) = torch.autograd.grad(values.sum(), x, create_graph=True)
+    analytic = getattr(network, "value_and_gradient", None)
+    if analytic is not None:
+        # Differentiable in the parameters without a graph through x (the two-scale basis).
+        gradient = analytic(x.detach())[1]
+    else:
+        x = x.detach().requires_grad_(True)
+        values = network(x).reshape(-1)
+        (gradient,) = torch.autograd.grad(values.sum(), x, create_graph=True)
     with torch.no_grad():
         K_rows = problem.K_matrix(x.detach())[:, i, :]
     return upscaled_coefficient_from_gradient(gradient, K_rows, measure / global_count, comm, i)

@@ -159,6 +159,7 @@ def solve_output_layer(
     interior_weight: float | None = None,
     boundary_weight: float | None = None,
     boundary_target: torch.Tensor | None = None,
+    interior_weights: torch.Tensor | None = None,
     form: str = "normal",
     ridge: float | None = None,
     chunk_size: int = 4096,
@@ -183,6 +184,9 @@ def solve_output_layer(
             ``1e4 · |∂Ω| / M_b,total``: the Dirichlet condition is enforced to a relative level
             of about 1e-6 of the PDE residual; measured to be insensitive between 1e3 and 1e6).
         boundary_target: Dirichlet data g at the boundary points (default 0, as in (4.8)).
+        interior_weights: Per-point weights of the squared PDE rows ``(M,)`` of this rank
+            (quadrature weights of a non-uniform point set, e.g.
+            :class:`~dolfinx_pinn.stratified.StratifiedPoints`); replaces ``interior_weight``.
         form: ``"normal"`` or ``"qr"`` (see the module docstring).
         ridge: Relative ridge on the unit-diagonal (Jacobi-scaled) system (default 1e-13 for
             ``"normal"``; 1e-20 for ``"qr"``, whose regularising rows ``√ridge · I`` would
@@ -226,6 +230,16 @@ def solve_output_layer(
     w_pde = math.sqrt(
         problem.domain.measure / m_total if interior_weight is None else interior_weight
     )
+    row_scale = None
+    if interior_weights is not None:
+        weights = torch.as_tensor(interior_weights, dtype=torch.float64).reshape(-1)
+        if weights.shape[0] != interior.shape[0]:
+            raise ValueError(
+                f"interior_weights: {weights.shape[0]} weights for {interior.shape[0]} points"
+            )
+        if not bool(torch.all(torch.isfinite(weights) & (weights > 0))):
+            raise ValueError("interior_weights must be finite and > 0")
+        row_scale, w_pde = torch.sqrt(weights), 1.0
     if boundary_weight is None:
         boundary_weight = 1e4 * problem.domain.boundary_measure / max(b_total, 1)
     w_bc = math.sqrt(boundary_weight)
@@ -239,6 +253,10 @@ def solve_output_layer(
         with torch.no_grad():
             for start in range(0, interior.shape[0], chunk_size):
                 rows, f = pde_rows(network, problem, interior[start : start + chunk_size])
+                if row_scale is not None:
+                    scale_rows = row_scale[start : start + chunk_size]
+                    yield "pde", scale_rows[:, None] * rows, scale_rows * f
+                    continue
                 yield "pde", w_pde * rows, w_pde * f
             for start in range(0, boundary.shape[0], chunk_size):
                 rows = boundary_rows(network, boundary[start : start + chunk_size])
@@ -247,17 +265,22 @@ def solve_output_layer(
     flop_time, flops = 0.0, 0.0
     rhs_norms = torch.zeros(2, dtype=torch.float64)
     if form == "normal":
-        gram = torch.zeros(n, n, dtype=torch.float64)
-        moment = torch.zeros(n, dtype=torch.float64)
+        # The boundary rows get their own products, so that the residual of each kind follows
+        # from the products without a second pass over the rows.
+        gram = {kind: torch.zeros(n, n, dtype=torch.float64) for kind in ("pde", "bc")}
+        moment = {kind: torch.zeros(n, dtype=torch.float64) for kind in ("pde", "bc")}
         for kind, J, r in chunks():
             tick = time.perf_counter()
-            gram.addmm_(J.T, J)
+            gram[kind].addmm_(J.T, J)
             flop_time += time.perf_counter() - tick
             flops += 2.0 * J.shape[0] * n * n
-            moment += J.T @ r
+            moment[kind] += J.T @ r
             rhs_norms[0 if kind == "pde" else 1] += r @ r
         assembled = time.perf_counter()
-        gram, moment = allreduce(gram), allreduce(moment)
+        gram = {kind: allreduce(value) for kind, value in gram.items()}
+        moment = {kind: allreduce(value) for kind, value in moment.items()}
+        products = (gram, moment)
+        gram, moment = gram["pde"] + gram["bc"], moment["pde"] + moment["bc"]
         scale = _scale_from(torch.diagonal(gram))
         scaled = gram / scale[:, None] / scale[None, :]
         scaled.diagonal().add_(ridge)
@@ -290,12 +313,28 @@ def solve_output_layer(
         )
     solved = time.perf_counter()
     rhs_norms = allreduce(rhs_norms)
-    # Residuals by a second pass (cheap against the products, and exact for either form).
-    sums = torch.zeros(3, dtype=torch.float64)
-    for kind, J, r in chunks():
-        residual = J @ solution - r
-        sums[0 if kind == "pde" else 1] += residual @ residual
-    sums = allreduce(sums)
+    sums = None
+    if form == "normal":
+        # ‖J c - r‖² = cᵀ(JᵀJ)c - 2 cᵀJᵀr + ‖r‖² per kind: exact to about 1e-16 ‖r‖², so it
+        # is kept only while the residual is well above that cancellation level.
+        gram_of, moment_of = products
+        sums = torch.stack(
+            [
+                solution @ gram_of[kind] @ solution
+                - 2.0 * solution @ moment_of[kind]
+                + rhs_norms[i]
+                for i, kind in enumerate(("pde", "bc"))
+            ]
+        )
+        if float(sums.sum()) < 1e-8 * float(rhs_norms.sum()) or bool(torch.any(sums < 0)):
+            sums = None
+    if sums is None:
+        # A second pass over the rows: exact for either form (the QR form needs its digits).
+        sums = torch.zeros(2, dtype=torch.float64)
+        for kind, J, r in chunks():
+            residual = J @ solution - r
+            sums[0 if kind == "pde" else 1] += residual @ residual
+        sums = allreduce(sums)
     total_rhs = float(rhs_norms.sum())
     scale_f = math.sqrt(max(float(rhs_norms[0]), 1e-300))
     if set_output:
