@@ -3,7 +3,7 @@
 The coefficients the configuration was not tuned on (``dolfinx_pinn.catalogue`` and the paper's):
 several harmonics, contrast up to 10^4, the gridlod exact-solution test, a non-separable product,
 a smoothed inclusion and an anisotropic tensor. For each: rel. L²/H¹ against an independent
-reference (``exact_1d`` in 1D; in 2D a P2 solve with ``cells_per_period`` cells per finest period,
+reference (``exact_1d`` in 1D; in 2D a P3 solve with ``cells_per_period`` cells per finest period,
 its errors by quasi-Monte Carlo on 2^15 points, :func:`dolfinx_pinn.errors.pointwise_reference`),
 the wall time, the a posteriori indicators and whether the verdict agrees with the true error
 (flagged when rel. L² > 10× the target, passed when it meets it).
@@ -65,7 +65,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         reference: Any = dp.exact_1d(problem)
     else:
         uh = dp.solve_fine(
-            problem, degree=2, elements_per_period=int(spec["cells_per_period"]), comm=MPI.COMM_SELF
+            problem, degree=3, elements_per_period=int(spec["cells_per_period"]), comm=MPI.COMM_SELF
         )
         reference = pointwise_reference(uh)
     with warnings.catch_warnings():

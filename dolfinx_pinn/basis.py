@@ -450,6 +450,60 @@ class LegendreSlowBasis(nn.Module):
             )
         return value, gradient, torch.stack(rows, dim=1)
 
+    def combination_jet(
+        self, x: torch.Tensor, weights: torch.Tensor, hessian: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """``c_b = Σ_s W_sb S_s`` and its derivatives, without forming the ``(N, S)`` table.
+
+        The weights are scattered into a dense tensor over the per-axis degrees and contracted
+        one axis at a time with that axis's Legendre table (a matmul, then batched products),
+        so the cost is ``N (degree+1)^d B`` multiply-adds instead of ``N S`` tables and gathers.
+
+        Args:
+            x: Points ``(N, d)``.
+            weights: ``(S, B)`` (differentiable).
+            hessian: Also the second derivatives.
+
+        Returns:
+            ``(c (N, B), ∇c (N, d, B), ∇²c (N, d, d, B) or None)``.
+        """
+        d, n = self.dim, x.shape[0]
+        size = self.degree + 1
+        blocks = weights.shape[1]
+        t = 2.0 * (x - self.lower) / self.lengths - 1.0
+        factor = 2.0 / self.lengths
+        tables = [
+            [
+                table * factor[j] ** q
+                for q, table in enumerate(
+                    _legendre_table(t[:, j], self.degree, 2 if hessian else 1)
+                )
+            ]
+            for j in range(d)
+        ]
+        dense = torch.zeros((size,) * d + (blocks,), dtype=weights.dtype, device=weights.device)
+        dense = dense.index_put(tuple(self.indices.T.to(weights.device)), weights)
+        flat = dense.reshape(size, -1)
+
+        def contract(order: Sequence[int]) -> torch.Tensor:
+            out = tables[0][order[0]] @ flat  # (N, size^(d-1) B)
+            for j in range(1, d):
+                out = torch.einsum("na,nar->nr", tables[j][order[j]], out.reshape(n, size, -1))
+            return out  # (N, B)
+
+        unit = [[1 if k == j else 0 for k in range(d)] for j in range(d)]
+        value = contract([0] * d)
+        gradient = torch.stack([contract(unit[j]) for j in range(d)], dim=1)
+        if not hessian:
+            return value, gradient, None
+        second = torch.empty(n, d, d, blocks, dtype=weights.dtype, device=weights.device)
+        for j in range(d):
+            for k in range(j, d):
+                entry = contract([a + b for a, b in zip(unit[j], unit[k], strict=True)])
+                second[:, j, k] = entry
+                second[:, k, j] = entry
+        return value, gradient, second
+
 
 # -- fast families ------------------------------------------------------------------------------
 class _FourierFamily(nn.Module):
@@ -532,16 +586,37 @@ class _LayerFamily(nn.Module):
     def size(self) -> int:
         return int(self.alpha.shape[1])
 
-    def jet(self, x: torch.Tensor, hessian: bool = True) -> tuple[Any, Any, Any]:
-        d, a = x.shape[1], self.axis
+    def exponentials(self, x: torch.Tensor) -> torch.Tensor:
+        """``exp(i κ·x/ε)`` ``(N, H)``: shared by the families on the same mode grid."""
         phase = (x / self.eps) @ self.kappa.T
-        E = torch.polar(torch.ones_like(phase), phase)  # (N, H)
+        return torch.polar(torch.ones_like(phase), phase)
+
+    def _mode_matrix(self, hessian: bool) -> torch.Tensor:
+        """``[P, (iκ_j/ε) P, ((iκ_j/ε)(iκ_m/ε)) P]`` stacked ``(H, n (1 + d (+ d²)))``."""
+        key = "_modes_hessian" if hessian else "_modes_gradient"
+        cached = self.__dict__.get(key)
+        if cached is not None and cached.device == self.modes.device:
+            return cached
         k = 1j * self.kappa.to(torch.complex128) / self.eps
+        d = k.shape[1]
+        parts = [self.modes] + [k[:, j : j + 1] * self.modes for j in range(d)]
+        if hessian:
+            parts += [(k[:, j] * k[:, m])[:, None] * self.modes for j in range(d) for m in range(d)]
+        matrix = torch.cat(parts, 1).contiguous()
+        self.__dict__[key] = matrix
+        return matrix
+
+    def jet(
+        self, x: torch.Tensor, hessian: bool = True, exponentials: torch.Tensor | None = None
+    ) -> tuple[Any, Any, Any]:
+        d, a = x.shape[1], self.axis
+        E = self.exponentials(x) if exponentials is None else exponentials
+        r = self.modes.shape[1]
+        g = E @ self._mode_matrix(hessian)  # one product for the value and every derivative
+        g0 = g[:, :r]
+        g1 = [g[:, r * (1 + j) : r * (2 + j)] for j in range(d)]
         lam = self.lam / self.eps
-        decay = torch.exp(-lam * (x[:, a : a + 1] - self.face))  # (N, n)
-        g0 = E @ self.modes
-        g1 = [(E * k[:, j]) @ self.modes for j in range(d)]
-        weights = decay * 1.0
+        weights = torch.exp(-lam * (x[:, a : a + 1] - self.face))  # (N, n)
 
         def combine(z: torch.Tensor) -> torch.Tensor:
             return self.scale * ((weights * z) @ self.alpha).real
@@ -555,7 +630,8 @@ class _LayerFamily(nn.Module):
         for j in range(d):
             row = []
             for m in range(d):
-                g2 = (E * (k[:, j] * k[:, m])) @ self.modes
+                start = r * (1 + d + j * d + m)
+                g2 = g[:, start : start + r]
                 z = (
                     g2
                     - lam * (delta[m] * g1[j] + delta[j] * g1[m])
@@ -773,7 +849,19 @@ class TwoScaleBasis(nn.Module):
 
     # -- jets -----------------------------------------------------------------------------------
     def _fast_jets(self, x: torch.Tensor, hessian: bool) -> list[tuple[Any, Any, Any]]:
-        return [family.jet(x, hessian) for family in self.fast]
+        # The layer families of all faces share one mode grid: its exponentials once.
+        computed: list[tuple[torch.Tensor, torch.Tensor]] = []
+        jets = []
+        for family in self.fast:
+            if not isinstance(family, _LayerFamily):
+                jets.append(family.jet(x, hessian))
+                continue
+            E = next((E for kappa, E in computed if torch.equal(kappa, family.kappa)), None)
+            if E is None:
+                E = family.exponentials(x)
+                computed.append((family.kappa, E))
+            jets.append(family.jet(x, hessian, E))
+        return jets
 
     def _pieces(self, x: torch.Tensor, hessian: bool) -> Any:
         if x.ndim != 2 or x.shape[1] != self.dim:
@@ -862,13 +950,13 @@ class TwoScaleBasis(nn.Module):
             rows.append(F[:, None] * S[:, columns])
         return torch.cat(rows, 1)
 
-    def _scattered_weights(self, S: torch.Tensor) -> torch.Tensor:
-        """The output weights as a ``(slow functions, blocks)`` matrix."""
+    def _scattered_weights(self, size: int, device: torch.device) -> torch.Tensor:
+        """The output weights as a ``(slow functions, blocks)`` matrix (differentiable)."""
         weight = self.output.weight[0]
-        scattered = torch.zeros(S.shape[1], len(self._blocks), dtype=S.dtype, device=S.device)
+        scattered = torch.zeros(size, len(self._blocks), dtype=weight.dtype, device=device)
         offset = 0
         for b, (_, _, columns) in enumerate(self._blocks):
-            scattered[columns.to(S.device), b] = weight[offset : offset + len(columns)]
+            scattered[columns.to(device), b] = weight[offset : offset + len(columns)]
             offset += len(columns)
         return scattered
 
@@ -879,17 +967,25 @@ class TwoScaleBasis(nn.Module):
         weights scattered into a ``(slow functions, blocks)`` matrix, so the cost is that of
         the slow and fast jets, not of the ``n`` features.
         """
-        (S, gS, hS), fast, constant = self._pieces(x, hessian)
-        scattered = self._scattered_weights(S)
-        Sc, gSc = S @ scattered, gS @ scattered  # (N, blocks), (N, d, blocks)
-        hSc = hS @ scattered if hessian else None
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x: points must have shape (N, {self.dim}), got {tuple(x.shape)}")
+        x = x.to(torch.float64)
+        fast = self._fast_jets(x, hessian)
+        scattered = self._scattered_weights(self.slow.size, x.device)
+        Sc, gSc, hSc = self.slow.combination_jet(x, scattered, hessian)
         n, d = x.shape[0], self.dim
         value = torch.zeros(n, dtype=torch.float64, device=x.device) + self.output.bias
         gradient = torch.zeros(n, d, dtype=torch.float64, device=x.device)
         second = torch.zeros(n, d, d, dtype=torch.float64, device=x.device) if hessian else None
         for b, (family, column, _) in enumerate(self._blocks):
-            F, gF, hF = self._fast_of(fast, constant, family, column)
             c, gc = Sc[:, b], gSc[:, :, b]
+            if family < 0:  # the constant fast function 1
+                value = value + c
+                gradient = gradient + gc
+                if hessian:
+                    second = second + hSc[:, :, :, b]
+                continue
+            F, gF, hF = self._fast_of(fast, None, family, column)
             value = value + F * c
             gradient = gradient + gF * c[:, None] + F[:, None] * gc
             if hessian:
