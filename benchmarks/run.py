@@ -31,6 +31,8 @@ Cases (``--cases``, default all):
 - ``crossover``: plain DOLFINx FEM (P1/P2, MUMPS/GAMG, a ladder of meshes) against
   ``dolfinx_pinn.solve``, time to the same accuracy for each ε (see ``bench_crossover.py``);
   writes ``<host>-<device>-crossover.png``.
+- ``geometry``: the gmsh plate demo (2D, ε = 0.05) and ``paper_3d(0.1)`` on the unit cube
+  through ``dolfinx_pinn.solve`` against fine FEM, with plain FEM beside (``bench_geometry.py``).
 
 Medians over ``--repeats`` runs; timings are side by side in one run on one machine.
 """
@@ -65,6 +67,7 @@ ALL_CASES = (
     "solve",
     "coefficients",
     "crossover",
+    "geometry",
 )
 
 
@@ -276,6 +279,14 @@ def case_crossover(args: argparse.Namespace, device: torch.device) -> dict[str, 
     return bench_crossover.benchmark(mode, repeats=args.repeats, device=device.type)
 
 
+def case_geometry(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """See :func:`bench_geometry.benchmark`: the gmsh plate (2D) and the unit cube (3D)."""
+    sys.path.insert(0, str(HERE))
+    import bench_geometry
+
+    return bench_geometry.benchmark(quick=args.quick)
+
+
 CASES: dict[str, Callable[[argparse.Namespace, torch.device], dict[str, Any]]] = {
     "throughput": case_throughput,
     "coarse": case_coarse,
@@ -285,6 +296,7 @@ CASES: dict[str, Callable[[argparse.Namespace, torch.device], dict[str, Any]]] =
     "solve": case_solve,
     "coefficients": case_coefficients,
     "crossover": case_crossover,
+    "geometry": case_geometry,
 }
 
 

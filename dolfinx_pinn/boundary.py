@@ -329,10 +329,15 @@ class BoundaryData:
                 )
                 function.interpolate_nonmatching(value, cells, data)
             return function
+        if isinstance(value, float):
+            function.x.array[:] = value
+            return function
         x = ufl.SpatialCoordinate(space.mesh)
         expression = _evaluate(value, x, "ufl")
         points = space.element.interpolation_points
-        function.interpolate(dolfinx.fem.Expression(expression, points))
+        # A definition that does not use x (a constant) has no domain to take the
+        # communicator from.
+        function.interpolate(dolfinx.fem.Expression(expression, points, comm=space.mesh.comm))
         return function
 
     def neumann_form(self, v: Any, metadata: dict[str, Any] | None = None) -> ufl.Form | None:

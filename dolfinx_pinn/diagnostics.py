@@ -40,7 +40,11 @@ __all__ = ["THRESHOLDS", "Verdict", "homogenized_entry", "indicators", "verdict"
 #: Default thresholds of the verdict (a run passes when every indicator it has is below).
 THRESHOLDS: dict[str, float] = {
     "pde_residual": 1e-3,
-    "boundary_residual": 1e-4,
+    # A boundary error δ (relative) pollutes the interior by at most about δ in L² (less for an
+    # ε-periodic one, whose harmonic extension decays within ε): 1e-3 flags runs 10x off the
+    # 1e-4 target. On the held-out 2D cases (bench_coefficients) 1e-4 also flagged a run at
+    # rel. L² 7e-5.
+    "boundary_residual": 1e-3,
     # The two upscaling indicators are not zero for the exact solution (Q̄u differs from the
     # coarse state by the consistency error of Theorem 3.2, K̃[u] from a⁰ by O(ε)): their
     # thresholds catch gross failures only, such as a wrong period or a missing corrector.

@@ -402,3 +402,22 @@ def test_hard_condition_with_constant_or_linear_data(lshape: dp.MeshDomain, g) -
     assert torch.all(torch.isfinite(value)) and torch.all(torch.isfinite(laplacian))
     with torch.no_grad():
         torch.testing.assert_close(value, network(x), rtol=1e-12, atol=1e-12)
+
+
+def test_constant_dirichlet_data_in_the_fine_solve(lshape: dp.MeshDomain) -> None:
+    """A number as Dirichlet data (no x in it): the FE function is that constant.
+
+    Regression: ``dolfinx.fem.Expression`` of a UFL constant has no domain to take the
+    communicator from and raised "Could not extract MPI communicator for Expression".
+    """
+    problem = dp.MultiscaleProblem(
+        lambda x, m: 1.0 + 0.0 * x[0], lambda x, m: 1.0 + 0.0 * x[0], 0.5, domain=lshape,
+        dirichlet={DIRICHLET: 2.0}, neumann={NEUMANN: 0.0}, alpha=1.0, beta=1.0,
+    )  # fmt: skip
+    uh = solve_fine(problem, degree=1, mesh=lshape.mesh)
+    space = uh.function_space
+    facets = problem.boundary.dirichlet_facets(lshape.mesh)
+    dofs = dolfinx.fem.locate_dofs_topological(space, 1, facets)
+    np.testing.assert_allclose(uh.x.array[dofs], 2.0, atol=1e-12)
+    # A positive source: u >= g inside (maximum principle).
+    assert COMM.allreduce(float(uh.x.array.min()), op=MPI.MIN) >= 2.0 - 1e-12
