@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -262,15 +261,16 @@ class FourierCellProblem:
 
         Substituting into the cell operator gives the quadratic eigenproblem
         ``(M0 + λ M1 + λ² M2) P = 0`` (``M2 = -C(a_aa)`` invertible), solved by linearisation on
-        the modes ``|k|_∞ <= k_max`` (default ``min(self.k_max, 6)``: the eigenproblem has twice
-        as many unknowns as the cell problem). Of the Floquet copies ``λ + 2πi n / p_a`` the one
-        with ``Im λ`` in ``(-π/p_a, π/p_a]`` is kept; ``sign`` +1 keeps ``Re λ > 0`` (a layer at
-        a lower face, decaying into ``y_a > 0``), -1 ``Re λ < 0`` (an upper face).
+        the modes ``|k|_∞ <= k_max`` (default ``min(self.k_max, 6)``, 4 in 3D: the eigenproblem
+        has twice as many unknowns as the cell problem). Of the Floquet copies
+        ``λ + 2πi n / p_a`` the one with ``Im λ`` in ``(-π/p_a, π/p_a]`` is kept; ``sign`` +1
+        keeps ``Re λ > 0`` (a layer at a lower face, decaying into ``y_a > 0``), -1 ``Re λ < 0``
+        (an upper face).
 
         Returns:
             ``(lam (n,), P (M_b, n) complex, kappa (M_b, d))``, ordered by ``|Re λ|``.
         """
-        k_max = min(self.k_max, 6) if k_max is None else k_max
+        k_max = min(self.k_max, 6 if self.dim < 3 else 4) if k_max is None else k_max
         # Both faces normal to an axis share one eigenproblem (the two signs of Re λ).
         cache = self.__dict__.setdefault("_bloch_cache", {})
         if (axis, k_max) not in cache:
@@ -665,7 +665,8 @@ class BasisConfig:
     Attributes:
         order: Highest corrector order of the fast functions.
         degrees: Total Legendre degree of the slow coefficient of each order ``0..order``.
-        boundary_layers: Add the boundary-layer correctors (2D boxes only).
+        boundary_layers: Add the boundary-layer correctors (2D and 3D boxes; on by default in
+            2D only: in 3D they multiply the unknowns and the time about 3-4x).
         layer_order: Corrector order whose traces the boundary layers cancel.
         layer_degree: Tangential Legendre degree of a boundary-layer coefficient.
         layer_normal_degree: Normal Legendre degree of a boundary-layer coefficient.
@@ -793,7 +794,7 @@ class TwoScaleBasis(nn.Module):
         self.trace_misfit = 0.0
         # The slowest decay rate |Re λ| of the layers at the faces normal to each axis.
         self.layer_decay: dict[int, float] = {}
-        if config.boundary_layers and self.dim == 2:
+        if config.boundary_layers and self.dim in (2, 3):
             layer_keys = cell.keys(config.layer_order)
             for axis in range(self.dim):
                 for side, face in ((0, domain.lower[axis]), (1, domain.upper[axis])):
@@ -812,12 +813,6 @@ class TwoScaleBasis(nn.Module):
                     )
                     for column in range(family.size):
                         blocks.append((len(self.fast) - 1, column, indices))
-        elif config.boundary_layers and self.dim == 3:
-            warnings.warn(
-                "TwoScaleBasis: boundary-layer features are implemented in 2D only",
-                RuntimeWarning,
-                stacklevel=2,
-            )
         union, inverse = np.unique(np.vstack([b[2] for b in blocks]), axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)
         self.slow = LegendreSlowBasis(domain.lower, domain.lengths.tolist(), union)
@@ -1060,7 +1055,7 @@ class TwoScaleBasis(nn.Module):
             "k_max": self.k_max,
             "order": self.config.order,
             "degrees": list(self.config.degrees),
-            "boundary_layers": self.config.boundary_layers and self.dim == 2,
+            "boundary_layers": self.config.boundary_layers and self.dim >= 2,
             "layer_degree": self.config.layer_degree,
             "trace_misfit": self.trace_misfit,
             "reasons": dict(self.config.reasons),
