@@ -1031,8 +1031,6 @@ class TwoScaleBasis(nn.Module):
         Returns:
             ``(value (N,), gradient (N, r), Laplacian (N,) or Hessian (N, r, r))``.
         """
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x: points must have shape (N, {self.dim}), got {tuple(x.shape)}")
         value, gradient, hessian = self._solution_jet(x, hessian=True)
         if directions is None:
             if full_hessian:

@@ -267,20 +267,19 @@ def solve_output_layer(
     if form == "normal":
         # The boundary rows get their own products, so that the residual of each kind follows
         # from the products without a second pass over the rows.
-        gram = {kind: torch.zeros(n, n, dtype=torch.float64) for kind in ("pde", "bc")}
-        moment = {kind: torch.zeros(n, dtype=torch.float64) for kind in ("pde", "bc")}
+        grams = {kind: torch.zeros(n, n, dtype=torch.float64) for kind in ("pde", "bc")}
+        moments = {kind: torch.zeros(n, dtype=torch.float64) for kind in ("pde", "bc")}
         for kind, J, r in chunks():
             tick = time.perf_counter()
-            gram[kind].addmm_(J.T, J)
+            grams[kind].addmm_(J.T, J)
             flop_time += time.perf_counter() - tick
             flops += 2.0 * J.shape[0] * n * n
-            moment[kind] += J.T @ r
+            moments[kind] += J.T @ r
             rhs_norms[0 if kind == "pde" else 1] += r @ r
         assembled = time.perf_counter()
-        gram = {kind: allreduce(value) for kind, value in gram.items()}
-        moment = {kind: allreduce(value) for kind, value in moment.items()}
-        products = (gram, moment)
-        gram, moment = gram["pde"] + gram["bc"], moment["pde"] + moment["bc"]
+        grams = {kind: allreduce(value) for kind, value in grams.items()}
+        moments = {kind: allreduce(value) for kind, value in moments.items()}
+        gram, moment = grams["pde"] + grams["bc"], moments["pde"] + moments["bc"]
         scale = _scale_from(torch.diagonal(gram))
         scaled = gram / scale[:, None] / scale[None, :]
         scaled.diagonal().add_(ridge)
@@ -317,12 +316,9 @@ def solve_output_layer(
     if form == "normal":
         # ‖J c - r‖² = cᵀ(JᵀJ)c - 2 cᵀJᵀr + ‖r‖² per kind: exact to about 1e-16 ‖r‖², so it
         # is kept only while the residual is well above that cancellation level.
-        gram_of, moment_of = products
         sums = torch.stack(
             [
-                solution @ gram_of[kind] @ solution
-                - 2.0 * solution @ moment_of[kind]
-                + rhs_norms[i]
+                solution @ grams[kind] @ solution - 2.0 * solution @ moments[kind] + rhs_norms[i]
                 for i, kind in enumerate(("pde", "bc"))
             ]
         )
