@@ -268,35 +268,52 @@ class Solution:
 
         Evaluated in chunks of :attr:`chunk_size` points, so memory stays bounded for any N.
         """
-        return self._evaluate(points, gradient=False)
+        return self._evaluate(points, gradient=False)[0]
 
     def gradient(self, points: Any) -> np.ndarray:
         """∇u at points ``(N, d)``, shape ``(N, d)`` (local, in chunks)."""
-        return self._evaluate(points, gradient=True)
+        return self._evaluate(points, value=False)[1]
+
+    def value_and_gradient(self, points: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(u (N,), ∇u (N, d))`` at points ``(N, d)`` in one pass (local, in chunks).
+
+        Both come from the same jet, so this costs about what :meth:`value` or
+        :meth:`gradient` alone does: the call for error norms and post-processing.
+        """
+        value, gradient = self._evaluate(points)
+        return value, gradient
 
     chunk_size = 4096
 
-    def _evaluate(self, points: Any, gradient: bool) -> np.ndarray:
+    def _evaluate(
+        self, points: Any, value: bool = True, gradient: bool = True
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         x = self._tensor(points)
         analytic = getattr(self.network, "value_and_gradient", None)
-        parts = []
+        values: list[np.ndarray] = []
+        gradients: list[np.ndarray] = []
         for start in range(0, len(x), self.chunk_size):
             chunk = x[start : start + self.chunk_size]
             if analytic is not None:
                 with torch.no_grad():
-                    value, grad = analytic(chunk)
-                parts.append((grad if gradient else value).cpu().numpy())
+                    v, g = analytic(chunk)
             elif gradient:
                 chunk = chunk.clone().requires_grad_(True)
                 with torch.enable_grad():
-                    (grad,) = torch.autograd.grad(self.network(chunk).sum(), chunk)
-                parts.append(grad.detach().cpu().numpy())
+                    v = self.network(chunk).reshape(-1)
+                    (g,) = torch.autograd.grad(v.sum(), chunk)
             else:
                 with torch.no_grad():
-                    parts.append(self.network(chunk).reshape(-1).cpu().numpy())
-        if not parts:
-            return np.zeros((0, self.problem.dim) if gradient else (0,))
-        return np.concatenate(parts)
+                    v, g = self.network(chunk).reshape(-1), None
+            if value:
+                values.append(v.detach().cpu().numpy())
+            if gradient:
+                gradients.append(g.detach().cpu().numpy())
+        empty_value, empty_gradient = np.zeros((0,)), np.zeros((0, self.problem.dim))
+        return (
+            (np.concatenate(values) if values else empty_value) if value else None,
+            (np.concatenate(gradients) if gradients else empty_gradient) if gradient else None,
+        )
 
     # -- the interface of dolfinx_pinn.io ---------------------------------------------------------
     predict = value

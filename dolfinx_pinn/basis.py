@@ -499,9 +499,12 @@ class LegendreSlowBasis(nn.Module):
         dense = torch.zeros((size,) * d + (blocks,), dtype=weights.dtype, device=weights.device)
         dense = dense.index_put(tuple(self.indices.T.to(weights.device)), weights)
         flat = dense.reshape(size, -1)
+        first: dict[int, torch.Tensor] = {}  # the first axis's product, shared by the orders
 
         def contract(order: Sequence[int]) -> torch.Tensor:
-            out = tables[0][order[0]] @ flat  # (N, size^(d-1) B)
+            if order[0] not in first:
+                first[order[0]] = tables[0][order[0]] @ flat  # (N, size^(d-1) B)
+            out = first[order[0]]
             for j in range(1, d):
                 out = torch.einsum("na,nar->nr", tables[j][order[j]], out.reshape(n, size, -1))
             return out  # (N, B)
@@ -521,6 +524,26 @@ class LegendreSlowBasis(nn.Module):
 
 
 # -- fast families ------------------------------------------------------------------------------
+def _integer_lattice(kappa: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(base (d,), h (H, d) integers)`` with ``kappa = h * base``, or None if there is none.
+
+    The base of an axis is its smallest non-zero ``|κ_j|``; the wave vectors of a periodic
+    cell problem are ``2π h / p``, so their ratios are whole numbers.
+    """
+    if kappa.ndim != 2 or len(kappa) == 0:
+        return None
+    base = np.ones(kappa.shape[1])
+    for j in range(kappa.shape[1]):
+        nonzero = np.abs(kappa[:, j])[np.abs(kappa[:, j]) > 0]
+        if len(nonzero):
+            base[j] = nonzero.min()
+    ratio = kappa / base
+    h = np.rint(ratio).astype(np.int64)
+    if np.abs(ratio - h).max() > 1e-9 or np.abs(h).max() > 4096:
+        return None
+    return base, h
+
+
 class _FourierFamily(nn.Module):
     """``r`` real functions ``F_m(x) = s_m Re Σ_h c_hm exp(i κ_h·x/ε)`` (correctors)."""
 
@@ -531,6 +554,7 @@ class _FourierFamily(nn.Module):
         c = torch.as_tensor(np.asarray(coefficients) * np.asarray(scales)[None, :])
         self.register_buffer("coefficients_real", c.real.to(torch.float64).contiguous())
         self.register_buffer("coefficients_imag", c.imag.to(torch.float64).contiguous())
+        self.lattice = _integer_lattice(np.asarray(kappa, dtype=np.float64))
 
     @property
     def size(self) -> int:
@@ -564,10 +588,76 @@ class _FourierFamily(nn.Module):
         self.__dict__[key] = cached
         return cached
 
-    def jet(self, x: torch.Tensor, hessian: bool = True) -> tuple[Any, Any, Any]:
-        phase = (x / self.eps) @ self.kappa.T  # (N, H)
+    def _separable_weights(self, hessian: bool) -> tuple[torch.Tensor, int]:
+        """The weights of :meth:`_separable` and the number of first-axis harmonics ``L1``.
+
+        With ``W = A - iB`` (so that a column is ``Re Σ_h W_h e^{i h·a}``), the harmonics with
+        ``h_1 < 0`` are folded onto ``-h`` by conjugation and those with ``h_1 = 0`` split half
+        and half between ``h`` and ``-h``: the real part is unchanged and only ``h_1 >= 0``
+        remains. The weights are then the real form ``[[G_r, G_i], [-G_i, G_r]]`` of the
+        complex grid ``G (trailing harmonics, h_1, column)``.
+        """
+        key = "_separable_hessian" if hessian else "_separable_gradient"
+        cached = self.__dict__.get(key)
+        if cached is not None and cached[0].device == self.kappa.device:
+            return cached
         A, B = self._weights(hessian)
-        out = torch.cos(phase) @ A + torch.sin(phase) @ B
+        W = A.cpu().numpy() - 1j * B.cpu().numpy()  # (H, Q)
+        _, h = self.lattice
+        reach = np.abs(h).max(axis=0)
+        first = int(reach[0]) + 1
+        trailing = [2 * int(m) + 1 for m in reach[1:]]
+        grid = np.zeros((first, *trailing, W.shape[1]), dtype=np.complex128)
+
+        def add(modes: np.ndarray, values: np.ndarray) -> None:
+            index = (modes[:, 0], *(modes[:, j] + reach[j] for j in range(1, h.shape[1])))
+            np.add.at(grid, index, values)
+
+        positive, negative, zero = h[:, 0] > 0, h[:, 0] < 0, h[:, 0] == 0
+        add(h[positive], W[positive])
+        add(-h[negative], W[negative].conj())
+        add(h[zero], 0.5 * W[zero])
+        add(-h[zero], 0.5 * W[zero].conj())
+        # (h_1, t, q) -> rows t, columns (h_1, q)
+        G = np.moveaxis(grid.reshape(first, -1, W.shape[1]), 1, 0).reshape(-1, first * W.shape[1])
+        matrix = np.block([[G.real, G.imag], [-G.imag, G.real]])
+        cached = (torch.as_tensor(matrix, device=self.kappa.device).contiguous(), first)
+        self.__dict__[key] = cached
+        return cached
+
+    def _separable(self, x: torch.Tensor, hessian: bool) -> torch.Tensor:
+        """``cos(phase) @ A + sin(phase) @ B`` from per-axis tables (wave vectors on a lattice).
+
+        ``e^{i h·a} = Π_j e^{i h_j a_j}``: the trailing axes' harmonics are contracted by one
+        real product with the per-axis cos/sin tables, the first axis's by a batched dot, so
+        the cost is a few transcendental functions per axis instead of two per harmonic.
+        """
+        matrix, first = self._separable_weights(hessian)
+        base, h = self.lattice
+        reach = np.abs(h).max(axis=0)
+        angles = x * torch.as_tensor(base / self.eps, dtype=x.dtype, device=x.device)
+        tables = []
+        for j in range(1, x.shape[1]):
+            m = int(reach[j])
+            harmonics = torch.arange(-m, m + 1, dtype=x.dtype, device=x.device)
+            tables.append(angles[:, j : j + 1] * harmonics)
+        phase = tables[0]
+        for table in tables[1:]:  # the trailing grid's phases, last axis fastest
+            phase = (phase[:, :, None] + table[:, None, :]).reshape(len(x), -1)
+        trailing = torch.cat([torch.cos(phase), torch.sin(phase)], 1) @ matrix
+        harmonics = torch.arange(first, dtype=x.dtype, device=x.device)
+        leading = angles[:, :1] * harmonics
+        left = torch.cat([torch.cos(leading), -torch.sin(leading)], 1)  # (N, 2 L1)
+        columns = matrix.shape[1] // (2 * first)
+        return torch.bmm(left[:, None, :], trailing.reshape(len(x), 2 * first, columns))[:, 0]
+
+    def jet(self, x: torch.Tensor, hessian: bool = True) -> tuple[Any, Any, Any]:
+        if self.lattice is not None and x.shape[1] >= 2:
+            out = self._separable(x, hessian)
+        else:
+            phase = (x / self.eps) @ self.kappa.T  # (N, H)
+            A, B = self._weights(hessian)
+            out = torch.cos(phase) @ A + torch.sin(phase) @ B
         r, d, n = self.size, x.shape[1], x.shape[0]
         value = out[:, :r]
         gradient = out[:, r : r * (1 + d)].reshape(n, d, r)
@@ -596,15 +686,36 @@ class _LayerFamily(nn.Module):
         self.register_buffer("lam", torch.as_tensor(lam, dtype=torch.complex128))
         self.register_buffer("modes", torch.as_tensor(modes, dtype=torch.complex128))
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.complex128))
+        lattice = _integer_lattice(np.asarray(kappa, dtype=np.float64))
+        # The Bloch modes' wave vectors are a full grid -k..k per axis, last axis fastest.
+        if lattice is not None:
+            reach = np.abs(lattice[1]).max(axis=0)
+            grid = itertools.product(*(range(-int(m), int(m) + 1) for m in reach))
+            if not np.array_equal(np.array(list(grid)).reshape(lattice[1].shape), lattice[1]):
+                lattice = None
+        self.lattice = lattice
 
     @property
     def size(self) -> int:
         return int(self.alpha.shape[1])
 
     def exponentials(self, x: torch.Tensor) -> torch.Tensor:
-        """``exp(i κ·x/ε)`` ``(N, H)``: shared by the families on the same mode grid."""
-        phase = (x / self.eps) @ self.kappa.T
-        return torch.polar(torch.ones_like(phase), phase)
+        """``exp(i κ·x/ε)`` ``(N, H)``: shared by the families on the same mode grid.
+
+        On a full grid of wave vectors, as the outer product of per-axis exponentials.
+        """
+        if self.lattice is None:
+            phase = (x / self.eps) @ self.kappa.T
+            return torch.polar(torch.ones_like(phase), phase)
+        base, h = self.lattice
+        angles = x * torch.as_tensor(base / self.eps, dtype=x.dtype, device=x.device)
+        E = None
+        for j, m in enumerate(np.abs(h).max(axis=0)):
+            harmonics = torch.arange(-int(m), int(m) + 1, dtype=x.dtype, device=x.device)
+            phase = angles[:, j : j + 1] * harmonics
+            axis = torch.polar(torch.ones_like(phase), phase)
+            E = axis if E is None else (E[:, :, None] * axis[:, None, :]).reshape(len(x), -1)
+        return E
 
     def _mode_matrix(self, hessian: bool) -> torch.Tensor:
         """``[P, (iκ_j/ε) P, ((iκ_j/ε)(iκ_m/ε)) P]`` stacked ``(H, n (1 + d (+ d²)))``."""

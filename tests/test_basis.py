@@ -6,6 +6,7 @@ sum (normal equations) or gather (QR) across them, so every rank must get the sa
 
 from mpi4py import MPI  # isort: skip
 
+import itertools
 import math
 
 import numpy as np
@@ -127,6 +128,59 @@ def test_jets_against_autograd(dim):
     assert torch.allclose(gd[:, 0], expected, rtol=1e-11, atol=1e-10 * float(gradient.abs().max()))
     assert net.satisfies_boundary_condition is False
     assert isinstance(list(net.modules())[-1], torch.nn.Linear) or net.output is not None
+
+
+@pytest.mark.parametrize(
+    ("period", "modes"),
+    [
+        # a 2D lattice without the harmonic 1 along x1 (its base is then 2 · 2π/p_1)
+        ((1.0, 2.0), [(h1, h2) for h1 in range(-6, 7, 2) for h2 in range(-5, 6) if h1 * h2 < 9]),
+        ((1.0, 0.5, 2.0), [h for h in itertools.product(range(-3, 4), repeat=3) if sum(h) != 1]),
+        ((1.0, math.sqrt(2.0)), [(1, 0), (0, 1), (2, 3)]),  # a lattice all the same
+    ],
+)
+def test_fourier_family_against_direct_sum(period, modes):
+    """The per-axis evaluation equals ``s Re Σ c e^{iκ·x/ε}`` and its derivatives."""
+    from dolfinx_pinn.basis import _FourierFamily
+
+    eps, dim = 0.07, len(period)
+    rng = np.random.default_rng(5)
+    modes = np.array(modes, dtype=np.int64)
+    kappa = 2.0 * np.pi * modes / np.array(period)
+    coefficients = rng.standard_normal((len(modes), 3)) + 1j * rng.standard_normal((len(modes), 3))
+    scales = np.array([1.0, eps, eps**2])
+    family = _FourierFamily(eps, kappa, coefficients, scales)
+    assert family.lattice is not None
+    x = rng.random((64, dim))
+    waves = np.exp(1j * (x / eps) @ kappa.T)  # (N, H)
+    c = coefficients * scales
+    k = kappa / eps
+    expected = (
+        (waves @ c).real,
+        np.einsum("nh,hj,hr->njr", waves, 1j * k, c).real,
+        np.einsum("nh,hj,hm,hr->njmr", waves, -k, k, c).real,
+    )
+    value, gradient, hessian = family.jet(torch.as_tensor(x))
+    for got, want in zip((value, gradient, hessian), expected, strict=True):
+        assert np.abs(got.numpy() - want).max() < 1e-11 * np.abs(want).max()
+    # Wave vectors off any lattice take the phase-table path, with the same results.
+    skew = kappa + np.array([0.0] * (dim - 1) + [1e-3]) * modes[:, :1]
+    off = _FourierFamily(eps, skew, coefficients, scales)
+    waves = np.exp(1j * (x / eps) @ skew.T)
+    assert off.lattice is None
+    assert np.abs(off.jet(torch.as_tensor(x))[0].numpy() - (waves @ c).real).max() < 1e-11 * (
+        np.abs(waves @ c).max()
+    )
+
+
+def test_layer_exponentials_against_direct():
+    """The per-axis outer product equals ``exp(i κ·x/ε)`` on the Bloch modes' grid."""
+    net = small_2d(paper_2d(0.05))
+    layer = net.fast[1]
+    assert layer.lattice is not None
+    x = torch.rand(50, 2, dtype=torch.float64)
+    direct = torch.exp(1j * ((x / layer.eps) @ layer.kappa.T))
+    assert float((layer.exponentials(x) - direct).abs().max()) < 1e-12
 
 
 @pytest.mark.parametrize("name", ["paper_2d", "product"])

@@ -42,6 +42,11 @@ def test_paper_1d_small_eps_against_exact(solution_1d):
     assert gradient.shape == (257, 1)
     du = exact.du(x[:, 0])
     assert np.abs(gradient[:, 0] - du).max() < 1e-6 * np.abs(du).max()
+    # One pass gives both, the same in any chunking.
+    solution.chunk_size = 100
+    both = solution.value_and_gradient(x)
+    del solution.chunk_size
+    assert np.array_equal(both[0], solution.value(x)) and np.array_equal(both[1], gradient)
     # K̃ is (4.10) of the solution: the homogenised coefficient (harmonic mean √3 of 2 + sin).
     assert abs(metrics["K_tilde"] - np.sqrt(3.0)) < 1e-2
 
