@@ -241,13 +241,22 @@ class BoundaryData:
         """Whether boundary points with these tags carry Neumann data (non-zero or not)."""
         return ~self.is_dirichlet(tags)
 
-    def dirichlet_values(self, points: np.ndarray, tags: np.ndarray) -> np.ndarray:
-        """The values of g ``(N,)`` at Dirichlet points ``(N, d)`` with their facet tags (local)."""
+    def dirichlet_values(
+        self, points: np.ndarray, tags: np.ndarray, missing: str = "raise"
+    ) -> np.ndarray:
+        """The values of g ``(N,)`` at Dirichlet points ``(N, d)`` with their facet tags (local).
+
+        Args:
+            points: Boundary points.
+            tags: Their facet tags (:meth:`point_tags`).
+            missing: For data given as a Function, what a point outside this rank's cells
+                gets: ``"raise"`` a ValueError, ``"nan"`` NaN (to be filled from other ranks).
+        """
         out = np.zeros(len(points))
         for group, value in self.dirichlet:
             chosen = np.ones(len(points), bool) if group is None else np.isin(tags, group)
             if np.any(chosen):
-                out[chosen] = self._point_values(value, points[chosen])
+                out[chosen] = self._point_values(value, points[chosen], missing)
         return out
 
     def neumann_values(self, points: np.ndarray, tags: np.ndarray) -> np.ndarray:
@@ -260,7 +269,7 @@ class BoundaryData:
         return out
 
     @staticmethod
-    def _point_values(value: Any, points: np.ndarray) -> np.ndarray:
+    def _point_values(value: Any, points: np.ndarray, missing: str = "raise") -> np.ndarray:
         if not isinstance(value, dolfinx.fem.Function):
             return _evaluate(value, points, "numpy")
         mesh = value.function_space.mesh
@@ -270,14 +279,17 @@ class BoundaryData:
         tree = dolfinx.geometry.bb_tree(mesh, tdim)
         candidates = dolfinx.geometry.compute_collisions_points(tree, padded)
         colliding = dolfinx.geometry.compute_colliding_cells(mesh, candidates, padded)
-        counts = np.diff(colliding.offsets)
-        if np.any(counts == 0):
+        found = np.diff(colliding.offsets) > 0
+        if not np.all(found) and missing == "raise":
             raise ValueError(
                 "dirichlet: a Function's values are needed at boundary points of this rank that "
                 "its mesh does not hold here; give the Function on the domain's mesh"
             )
-        cells = colliding.array[colliding.offsets[:-1]]
-        return value.eval(padded, cells).reshape(-1)
+        out = np.full(len(points), np.nan)
+        if np.any(found):
+            cells = colliding.array[colliding.offsets[:-1][found]]
+            out[found] = value.eval(padded[found], cells).reshape(-1)
+        return out
 
     def lift(self, x: torch.Tensor) -> torch.Tensor:
         """A smooth G ``(N,)`` with G = g on Γ_D (torch, differentiable in x).

@@ -6,8 +6,9 @@ problem and the result alone (:func:`indicators`), and a verdict (:func:`verdict
 - ``pde_residual``: the relative residual ``‖A^ε v - f^ε‖ / ‖f^ε‖`` (L² by quasi-Monte Carlo) on
   a fresh scrambled Sobol' set of points, independent of the collocation points: a network that
   only fits its training points shows it here;
-- ``boundary_residual``: ``‖v‖_{L²(∂Ω)} / ‖v‖_{L²(Ω)}`` (the values at the end points in 1D):
-  zero to round-off for hard boundary conditions, the soft-penalty error otherwise;
+- ``boundary_residual``: ``‖v - g‖_{L²(Γ_D)} / ‖v‖_{L²(Ω)}`` (the values at the end points in
+  1D; ``g = 0`` on ``Γ_D = ∂Ω`` for the lifted problem): zero to round-off for hard boundary
+  conditions, the soft-penalty error otherwise (Neumann data are not part of it);
 - ``consistency_gap``: ``‖Q̄v - y_h‖ / ‖y_h‖`` at the coarse nodes, the upscaling consistency of
   Theorem 3.2 (hybrid solves only; small when the network and the coarse state agree);
 - ``K_tilde_gap``: ``|K̃[v] - a⁰_ii| / a⁰_ii`` with the homogenised a⁰ from the cell problem
@@ -109,21 +110,45 @@ def _residual_norms(
     return residual_sum, rhs_sum
 
 
-def _boundary_ratio(network: nn.Module, problem: MultiscaleProblem, count: int, seed: int) -> float:
-    """``‖v‖_{L²(∂Ω)} / ‖v‖_{L²(Ω)}`` on fresh points (end points in 1D; replicated)."""
+def _dirichlet_data(problem: MultiscaleProblem, points: np.ndarray, comm: MPI.Comm) -> np.ndarray:
+    """The Dirichlet data g at points of Γ_D (replicated; collective for a Function g)."""
+    data = problem.boundary
+    if data is None:
+        return np.zeros(len(points))
+    tags = data.point_tags(points)
+    if not data.has_function:
+        return data.dirichlet_values(points, tags)
+    # Each rank evaluates the points its cells hold; a point held by two ranks gets their mean.
+    local = data.dirichlet_values(points, tags, missing="nan")
+    held = np.isfinite(local)
+    sums = comm.allreduce(np.stack([np.where(held, local, 0.0), held.astype(float)]), MPI.SUM)
+    return np.where(sums[1] > 0, sums[0] / np.maximum(sums[1], 1.0), np.nan)
+
+
+def _boundary_ratio(
+    network: nn.Module, problem: MultiscaleProblem, count: int, seed: int, comm: MPI.Comm
+) -> float:
+    """``‖v - g‖_{L²(Γ_D)} / ‖v‖_{L²(Ω)}`` on fresh points (end points in 1D; replicated)."""
     parameter = next(network.parameters())
     kw = {"dtype": parameter.dtype, "device": parameter.device}
     rng = np.random.default_rng(seed + 1)
     domain = problem.domain
     inside = torch.as_tensor(domain.sample_interior(count, rng), **kw)
-    boundary = torch.as_tensor(domain.sample_boundary(max(2, count // 4), rng), **kw)
+    tags = None if problem.boundary is None else problem.boundary.dirichlet_tags
+    size = max(2, count // 4)
+    if tags is None:
+        points = domain.sample_boundary(size, rng)
+    else:
+        points = domain.sample_boundary(size, rng, tags)
+    g = _dirichlet_data(problem, points, comm)
     with torch.no_grad():
         v_inside = network(inside).reshape(-1)
-        v_boundary = network(boundary).reshape(-1)
+        v_boundary = network(torch.as_tensor(points, **kw)).reshape(-1).cpu().double().numpy()
     scale = float(torch.sqrt((v_inside**2).mean()))
-    if scale == 0.0:
+    misfit = (v_boundary - g)[np.isfinite(g)]  # g = NaN: a point no rank's cells hold
+    if scale == 0.0 or len(misfit) == 0:
         return math.inf
-    return float(torch.sqrt((v_boundary**2).mean())) / scale
+    return float(np.sqrt(np.mean(misfit**2))) / scale
 
 
 def homogenized_entry(problem: MultiscaleProblem, comm: MPI.Comm = MPI.COMM_SELF) -> float | None:
@@ -182,7 +207,7 @@ def indicators(
         "pde_residual": math.sqrt(residual_sum / rhs_sum)
         if rhs_sum > 0
         else math.sqrt(residual_sum),
-        "boundary_residual": _boundary_ratio(network, problem, 2048, seed),
+        "boundary_residual": _boundary_ratio(network, problem, 2048, seed, comm),
     }
     if compressed is not None and coarse_state is not None:
         sums = comm.allreduce(

@@ -421,3 +421,47 @@ def test_constant_dirichlet_data_in_the_fine_solve(lshape: dp.MeshDomain) -> Non
     np.testing.assert_allclose(uh.x.array[dofs], 2.0, atol=1e-12)
     # A positive source: u >= g inside (maximum principle).
     assert COMM.allreduce(float(uh.x.array.min()), op=MPI.MIN) >= 2.0 - 1e-12
+
+
+# -- the boundary indicator with boundary data ----------------------------------------------------
+class _Shifted(torch.nn.Module):
+    """``u + shift`` for a definition u (a network that is exact up to a constant)."""
+
+    def __init__(self, u, shift: float) -> None:
+        super().__init__()
+        self.u = u
+        self.shift = torch.nn.Parameter(torch.tensor(shift, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _evaluate(self.u, x, "torch") + self.shift
+
+
+def test_boundary_indicator_measures_the_dirichlet_misfit(domain: dp.MeshDomain) -> None:
+    """``boundary_residual`` is ‖v - g‖ on Γ_D, not ‖v‖ on ∂Ω (which flags exact solutions)."""
+    from dolfinx_pinn.diagnostics import indicators
+
+    problem = _manufactured_problem(domain)
+    assert indicators(_Shifted(exact, 0.0), problem, comm=COMM)["boundary_residual"] < 1e-13
+    shift = 1e-2
+    measured = indicators(_Shifted(exact, shift), problem, comm=COMM)["boundary_residual"]
+    inside = torch.as_tensor(domain.sample_interior(20_000, np.random.default_rng(9)))
+    scale = float(torch.sqrt(((_evaluate(exact, inside, "torch") + shift) ** 2).mean()))
+    assert measured == pytest.approx(shift / scale, rel=0.05)
+
+
+def test_boundary_indicator_with_a_function_as_data(lshape: dp.MeshDomain) -> None:
+    """Dirichlet data as a (distributed) Function: each rank evaluates the points it holds."""
+    from dolfinx_pinn.diagnostics import indicators
+
+    def polynomial(x, m):
+        return 1.0 + x[0] * x[1] + 0.0 * x[0]
+
+    space = dolfinx.fem.functionspace(lshape.mesh, ("Lagrange", 2))
+    g = dolfinx.fem.Function(space)
+    g.interpolate(lambda x: 1.0 + x[0] * x[1])  # exact in P2
+    problem = dp.MultiscaleProblem(
+        coefficient, source, 0.5, domain=lshape, dirichlet={DIRICHLET: g}, neumann={NEUMANN: 0.0}
+    )
+    values = indicators(_Shifted(polynomial, 0.0), problem, comm=COMM)
+    assert values["boundary_residual"] < 1e-12
+    assert COMM.allgather(values["boundary_residual"]) == [values["boundary_residual"]] * COMM.size
