@@ -87,6 +87,8 @@ class SolveConfiguration:
         tau2_schedule: ``"continuation"`` (τ2 → 0) or ``"constant"`` (hybrid).
         tau2_decay: The continuation factor per step (hybrid).
         form: The least-squares form (``"auto"``: QR in 1D, ``"normal"`` in 2D/3D).
+        rows: The basis's PDE rows (``"auto"``: the flux form in 1D, which keeps its digits at
+            any ε, the strong form in 2D/3D; see :mod:`~dolfinx_pinn.least_squares`).
         ridge: The relative ridge of the basis's least squares (``None``: the default of
             :func:`~dolfinx_pinn.least_squares.solve_output_layer` for the form).
         seed: The seed of the points and the network.
@@ -112,6 +114,7 @@ class SolveConfiguration:
     tau2_schedule: str = "continuation"
     tau2_decay: float = 1e-5
     form: str = "auto"
+    rows: str = "auto"
     ridge: float | None = None
     seed: int = 0
     thresholds: dict[str, float] = field(default_factory=dict)
@@ -121,6 +124,8 @@ class SolveConfiguration:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.form not in ("auto", "normal", "qr"):
             raise ValueError(f"form must be 'auto', 'normal' or 'qr', got {self.form!r}")
+        if self.rows not in ("auto", "strong", "flux"):
+            raise ValueError(f"rows must be 'auto', 'strong' or 'flux', got {self.rows!r}")
         for name in ("point_factor", "boundary_factor"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -510,12 +515,16 @@ def _solve_basis(
         form = configuration.form
         if form == "auto":
             form = "qr" if problem.dim == 1 else "normal"
+        rows = configuration.rows
+        if rows == "auto":
+            rows = "flux" if problem.dim == 1 else "strong"
         result = solve_output_layer(
             problem,
             network,
             interior,
             boundary,
             form=form,
+            rows=rows,
             allreduce=lambda tensor: _allreduce(tensor, comm),
             allgather=lambda tensor: _allgather(tensor, comm),
             total_interior=points.global_interior_count + extra,

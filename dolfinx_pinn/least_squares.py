@@ -10,6 +10,14 @@ PDE row ``-(K : ∇²Φ + (∇·K)·∇Φ)`` (from the network's ``operator_rows
 never forms the feature Hessians, else from ``feature_jet``) and the boundary row Φ. Only the
 columns of the output layer are ever formed, never the Jacobian of the hidden parameters.
 
+In 1D the PDE rows can instead be those of the flux form (``rows="flux"``): ``-(K v')' = f`` is
+``K v' = c - F`` with ``F(x) = ∫_a^x f`` and one more unknown, the flux constant c, so the rows
+are ``K Φ'`` and the column ``-1``, the target ``-F``. The strong rows of the corrector features
+``ε^m N_m(x/ε) S(x)`` hold terms of size ``1/ε`` that cancel in ``K Φ'' + K' Φ'``, so they lose
+digits like ``ε⁻²``; the flux rows hold no derivative of K and only first derivatives of Φ,
+which stay O(1) at every ε. ``F`` is the source's antiderivative (adaptive Gauss-Legendre) plus,
+for the lifted problem (4.8), ``K(x) - K(a)`` in closed form.
+
 Two solves:
 
 * ``"normal"``: the chunks are accumulated into ``JᵀJ`` and ``Jᵀr`` (symmetric rank-k updates),
@@ -32,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,9 +49,11 @@ from dolfinx_pinn.residual import _coefficient_data
 
 __all__ = [
     "LeastSquaresResult",
+    "antiderivative",
     "boundary_rows",
     "coefficient_data",
     "default_points",
+    "flux_rows",
     "matmul_gflops",
     "pde_rows",
     "solve_output_layer",
@@ -79,6 +90,100 @@ def pde_rows(
     return rows, f
 
 
+def antiderivative(
+    function: Callable[[torch.Tensor], torch.Tensor],
+    lower: float,
+    x: torch.Tensor,
+    tol: float = 1e-12,
+    max_depth: int = 40,
+) -> torch.Tensor:
+    """``∫_lower^x function`` ``(N,)`` at 1D points ``(N, 1)`` (float64, local).
+
+    Composite Gauss-Legendre (10 nodes) between the sorted points, each panel halved until the
+    rule and its two halves agree to ``tol`` times the panel's share of ``∫|function|``, or,
+    once they agree to 1e-8 of it, until halving no longer halves their difference (the
+    function's own rounding is then the floor: ``|k x|`` ulps for ``sin(k x)``): exact to
+    round-off for a slow function, and correct (at a cost growing with the number of
+    oscillations) for an oscillating one.
+
+    Raises:
+        ValueError: when a panel still disagrees after ``max_depth`` halvings, or the function
+            is not finite.
+    """
+    nodes, weights = (torch.as_tensor(a) for a in np.polynomial.legendre.leggauss(10))
+    points = x.detach().to(torch.float64).reshape(-1)
+    order = torch.argsort(points)
+    edges = torch.cat([torch.tensor([float(lower)], dtype=torch.float64), points[order]])
+
+    def values_at(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        half = 0.5 * (hi - lo)
+        t = (0.5 * (lo + hi))[:, None] + half[:, None] * nodes[None, :]
+        values = function(t.reshape(-1, 1)).detach().to(torch.float64).reshape(t.shape)
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("source: non-finite values between the collocation points")
+        return half, values
+
+    def rule(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        half, values = values_at(lo, hi)
+        return half * (values @ weights)
+
+    lo, hi = edges[:-1], edges[1:]
+    half, values = values_at(lo, hi)
+    width = max(float(hi[-1] - lo[0]), 1e-300)
+    scale = float((half * (values.abs() @ weights)).sum()) / width + 1e-300  # mean |function|
+
+    def refine(
+        lo: torch.Tensor, hi: torch.Tensor, whole: torch.Tensor, parent: torch.Tensor, depth: int
+    ) -> torch.Tensor:
+        count, mid = len(lo), 0.5 * (lo + hi)
+        both = rule(torch.cat([lo, mid]), torch.cat([mid, hi]))  # the two halves in one call
+        halves = both[:count] + both[count:]
+        difference = (whole - halves).abs() / (hi - lo).clamp_min(1e-300)
+        stalled = (difference <= 1e-8 * scale) & (difference > 0.5 * parent)
+        bad = (difference > tol * scale) & ~stalled
+        if bool(bad.any()):
+            if depth >= max_depth:
+                raise ValueError(
+                    f"source: its antiderivative did not converge after {max_depth} halvings "
+                    "of a panel (a singular or non-finite source?)"
+                )
+            pick = torch.cat([bad, bad])
+            children = refine(
+                torch.cat([lo, mid])[pick],
+                torch.cat([mid, hi])[pick],
+                both[pick],
+                difference[bad].repeat(2),
+                depth + 1,
+            )
+            split = int(bad.sum())
+            halves[bad] = children[:split] + children[split:]
+        return halves
+
+    panels = refine(lo, hi, half * (values @ weights), torch.full_like(lo, math.inf), 0)
+    out = torch.empty_like(points)
+    out[order] = torch.cumsum(panels, 0)
+    return out
+
+
+def flux_rows(
+    network: nn.Module, problem: MultiscaleProblem, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1D flux-form rows ``[K Φ', -1]`` ``(N, n + 1)`` and their target ``-F`` (see the doc).
+
+    The last column belongs to the flux constant c of ``K v' = c - F``.
+    """
+    x = x.detach().to(torch.float64)
+    K, _, _ = coefficient_data(problem, x)
+    gradient = network.feature_jet(x)[1][:, 0, :]  # type: ignore[operator]
+    rows = torch.cat([K[:, 0, :1] * gradient, -torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    lower = float(problem.domain.lower[0])
+    F = antiderivative(problem.q, lower, x)
+    if problem.is_lifted:  # f = q + K': its K part in closed form
+        a = torch.full((1, 1), lower, dtype=torch.float64)
+        F = F + (K[:, 0, 0] - coefficient_data(problem, a)[0][0, 0, 0])
+    return rows, -F
+
+
 def boundary_rows(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Dirichlet rows Φ ``(N, n)`` of the output-layer features."""
     if hasattr(network, "value_rows"):
@@ -103,13 +208,16 @@ class LeastSquaresResult:
     Attributes:
         coefficients: The output-layer weights ``(n,)`` (also written into the network).
         relative_residual: ``‖J c - r‖ / ‖r‖`` over all rows and ranks.
-        pde_residual: ``‖A v - f‖ / ‖f‖`` (weighted rows) over all ranks.
+        pde_residual: ``‖A v - f‖ / ‖f‖`` (weighted rows) over all ranks; for the flux rows
+            ``‖K v' + F - c‖ / ‖F‖``.
         boundary_residual: ``‖v‖_∂ / ‖f‖`` (weighted rows) over all ranks.
         rows: Rows over all ranks (interior, boundary).
         unknowns: n.
         timings: Seconds of ``assemble`` (rows and their products), ``solve``, ``total``.
         gflops: Achieved GFLOP/s of the dominant product (``JᵀJ`` or the QR updates).
         form: ``"normal"`` or ``"qr"``.
+        rows_form: ``"strong"`` or ``"flux"``.
+        flux_constant: c of the flux rows (``None`` for the strong rows).
     """
 
     coefficients: torch.Tensor
@@ -121,6 +229,8 @@ class LeastSquaresResult:
     timings: dict[str, float] = field(default_factory=dict)
     gflops: float = 0.0
     form: str = "normal"
+    rows_form: str = "strong"
+    flux_constant: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (without the coefficients)."""
@@ -133,6 +243,8 @@ class LeastSquaresResult:
             "timings": dict(self.timings),
             "gflops": self.gflops,
             "form": self.form,
+            "rows_form": self.rows_form,
+            "flux_constant": self.flux_constant,
         }
 
 
@@ -161,6 +273,7 @@ def solve_output_layer(
     boundary_target: torch.Tensor | None = None,
     interior_weights: torch.Tensor | None = None,
     form: str = "normal",
+    rows: str = "strong",
     ridge: float | None = None,
     chunk_size: int = 4096,
     allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -188,6 +301,8 @@ def solve_output_layer(
             (quadrature weights of a non-uniform point set, e.g.
             :class:`~dolfinx_pinn.stratified.StratifiedPoints`); replaces ``interior_weight``.
         form: ``"normal"`` or ``"qr"`` (see the module docstring).
+        rows: ``"strong"`` (``A^ε Φ``) or ``"flux"`` (1D without Neumann data: ``K Φ'`` and the
+            flux constant; see the module docstring).
         ridge: Relative ridge on the unit-diagonal (Jacobi-scaled) system (default 1e-13 for
             ``"normal"``; 1e-20 for ``"qr"``, whose regularising rows ``√ridge · I`` would
             otherwise bias the last digits: measured on ``paper_1d(1e-3)``, ridge 1e-13 limits
@@ -204,6 +319,15 @@ def solve_output_layer(
     """
     if form not in ("normal", "qr"):
         raise ValueError(f"form must be 'normal' or 'qr', got {form!r}")
+    if rows not in ("strong", "flux"):
+        raise ValueError(f"rows must be 'strong' or 'flux', got {rows!r}")
+    if rows == "flux" and (
+        problem.dim != 1 or (problem.boundary is not None and problem.boundary.neumann)
+    ):
+        raise ValueError(
+            "rows: 'flux' needs a 1D problem without Neumann data, got "
+            f"dim={problem.dim}{' with Neumann data' if problem.dim == 1 else ''}"
+        )
     if ridge is None:
         ridge = 1e-13 if form == "normal" else 1e-20
     if not (math.isfinite(ridge) and ridge >= 0):
@@ -218,7 +342,9 @@ def solve_output_layer(
     allgather = allgather or _single
     started = time.perf_counter()
     layer = _output_layer(network)
-    n = layer.in_features
+    features = layer.in_features
+    flux = rows == "flux"
+    n = features + 1 if flux else features  # the flux constant is one more unknown
     boundary = torch.zeros(0, problem.dim, dtype=torch.float64) if boundary is None else boundary
     counts = allreduce(
         torch.tensor([float(interior.shape[0]), float(boundary.shape[0])], dtype=torch.float64)
@@ -249,18 +375,22 @@ def solve_output_layer(
         else boundary_target.to(torch.float64).reshape(-1)
     )
 
+    interior_rows = flux_rows if flux else pde_rows
+
     def chunks():
         with torch.no_grad():
             for start in range(0, interior.shape[0], chunk_size):
-                rows, f = pde_rows(network, problem, interior[start : start + chunk_size])
+                J, f = interior_rows(network, problem, interior[start : start + chunk_size])
                 if row_scale is not None:
                     scale_rows = row_scale[start : start + chunk_size]
-                    yield "pde", scale_rows[:, None] * rows, scale_rows * f
+                    yield "pde", scale_rows[:, None] * J, scale_rows * f
                     continue
-                yield "pde", w_pde * rows, w_pde * f
+                yield "pde", w_pde * J, w_pde * f
             for start in range(0, boundary.shape[0], chunk_size):
-                rows = boundary_rows(network, boundary[start : start + chunk_size])
-                yield "bc", w_bc * rows, w_bc * target[start : start + chunk_size]
+                J = boundary_rows(network, boundary[start : start + chunk_size])
+                if flux:
+                    J = torch.cat([J, torch.zeros(len(J), 1, dtype=J.dtype)], 1)
+                yield "bc", w_bc * J, w_bc * target[start : start + chunk_size]
 
     flop_time, flops = 0.0, 0.0
     rhs_norms = torch.zeros(2, dtype=torch.float64)
@@ -333,19 +463,20 @@ def solve_output_layer(
         sums = allreduce(sums)
     total_rhs = float(rhs_norms.sum())
     scale_f = math.sqrt(max(float(rhs_norms[0]), 1e-300))
+    weights = solution[:features]
     if set_output:
         with torch.no_grad():
-            layer.weight.copy_(solution.reshape(1, -1).to(layer.weight.dtype))
+            layer.weight.copy_(weights.reshape(1, -1).to(layer.weight.dtype))
             if layer.bias is not None:
                 layer.bias.zero_()
     finished = time.perf_counter()
     return LeastSquaresResult(
-        coefficients=solution,
+        coefficients=weights,
         relative_residual=math.sqrt(float(sums[0] + sums[1]) / max(total_rhs, 1e-300)),
         pde_residual=math.sqrt(float(sums[0])) / scale_f,
         boundary_residual=math.sqrt(float(sums[1])) / scale_f,
         rows=(m_total, b_total),
-        unknowns=n,
+        unknowns=features,
         timings={
             "assemble": assembled - started,
             "solve": solved - assembled,
@@ -354,6 +485,8 @@ def solve_output_layer(
         },
         gflops=flops / max(flop_time, 1e-12) / 1e9,
         form=form,
+        rows_form=rows,
+        flux_constant=float(solution[features]) if flux else None,
     )
 
 
