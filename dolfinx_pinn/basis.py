@@ -690,8 +690,8 @@ class _LayerFamily(nn.Module):
         # The Bloch modes' wave vectors are a full grid -k..k per axis, last axis fastest.
         if lattice is not None:
             reach = np.abs(lattice[1]).max(axis=0)
-            grid = itertools.product(*(range(-int(m), int(m) + 1) for m in reach))
-            if not np.array_equal(np.array(list(grid)).reshape(lattice[1].shape), lattice[1]):
+            grid = np.array(list(itertools.product(*(range(-int(m), int(m) + 1) for m in reach))))
+            if grid.shape != lattice[1].shape or not np.array_equal(grid, lattice[1]):
                 lattice = None
         self.lattice = lattice
 
