@@ -5,8 +5,8 @@ method and its settings:
 
 * ``method="basis"`` (periodic coefficient on a box, the lifted problem (4.8)): the structured
   two-scale ansatz of :class:`~dolfinx_pinn.basis.TwoScaleBasis` (slow Legendre coefficients
-  times the Fourier-Galerkin cell correctors, with boundary-layer correctors in 2D), whose output
-  layer is the exact least-squares minimiser of the collocation loss (3.24)
+  times the Fourier-Galerkin cell correctors, with boundary-layer correctors at the faces),
+  whose output layer is the exact least-squares minimiser of the collocation loss (3.24)
   (:func:`~dolfinx_pinn.least_squares.solve_output_layer`: analytic rows in chunks, QR in 1D,
   normal equations in 2D/3D). This is the τ2 → 0 limit of the hybrid continuation, reached in
   one linear solve; K̃ is then (4.10) of that network and the coarse problem is solved with it.
@@ -535,7 +535,17 @@ def _solve_basis(
         # The consistency gap Q̄v - y_h(K̃) is the coarse model's own bias (Theorem 3.2 of
         # Hintermüller & Korolev) for a fine solution that no coupling pulled towards y_h: it
         # is reported, not judged (it measured 0.25-0.4 for basis solutions exact to 1e-7).
-        metrics, verdict_ = _metrics(solver, configuration, started, {"consistency_gap": math.inf})
+        i = problem.lifting_direction
+        metrics, verdict_ = _metrics(
+            solver,
+            configuration,
+            started,
+            {"consistency_gap": math.inf},
+            # A known effective tensor stays the reference (the indicators read it).
+            homogenized=None
+            if problem.effective_tensor is not None
+            else float(network.cell_tensor[i, i]),
+        )
         metrics["basis"] = network.describe()
         metrics["least_squares"] = result.as_dict()
         metrics["timings"] = {
@@ -601,8 +611,13 @@ def _metrics(
     configuration: SolveConfiguration,
     started: float,
     thresholds: dict[str, float] | None = None,
+    homogenized: float | None = None,
 ) -> tuple[dict[str, Any], Verdict]:
-    """The metrics and the verdict of a trained solver (collective)."""
+    """The metrics and the verdict of a trained solver (collective).
+
+    ``homogenized`` is a⁰_ii when the caller has it (the basis's Fourier-Galerkin tensor);
+    otherwise the indicators solve a P1 cell problem for it (seconds in 3D).
+    """
     objective = solver.objective
     K = float(solver.admissible_coefficient(solver.upscaled_coefficient().detach()))
     with torch.no_grad():
@@ -615,6 +630,7 @@ def _metrics(
         K_tilde=float(solver.upscaled_coefficient().detach()),
         compressed=compressed,
         coarse_state=state,
+        homogenized=homogenized,
     )
     result = verdict(values, {**(thresholds or {}), **configuration.thresholds})
     metrics: dict[str, Any] = {

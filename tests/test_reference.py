@@ -253,6 +253,50 @@ def test_relative_errors_across_meshes_and_kinds():
     assert 0 < l2 < 5e-3 and 0 < h1 < 0.15  # 20 cells per period
 
 
+def test_sampled_errors_against_quadrature():
+    """Past ``max_points`` the QMC estimate agrees with the Gauss rule, and across partitions.
+
+    A 2D two-scale case (laminate, ε = 1/8): a P2 reference, a coarser P1 Function on another
+    mesh, a network and a pair of callables. The estimate from 2^15 points lies within a few per
+    cent of the quadrature value, and it is the same on COMM_WORLD and COMM_SELF (the points are
+    global; each is evaluated where an owned cell holds it).
+    """
+    problem = laminate_2d(0.125)
+    results = {}
+    for comm in (MPI.COMM_WORLD, MPI.COMM_SELF):
+        reference_h = solve_fine(problem, n=48, degree=2, comm=comm)
+        coarse = solve_fine(problem, n=20, degree=1, comm=comm)
+        network = torch.nn.Sequential(
+            torch.nn.Linear(2, 8, dtype=torch.float64),
+            torch.nn.Tanh(),
+            torch.nn.Linear(8, 1, dtype=torch.float64),
+        )
+        torch.manual_seed(3)
+        for parameter in network.parameters():
+            torch.nn.init.normal_(parameter, std=0.5)
+
+        def pair_value(points: np.ndarray) -> np.ndarray:
+            return points[:, 0] * (1.0 - points[:, 0]) + 0.1 * np.sin(8.0 * points[:, 1])
+
+        def pair_gradient(points: np.ndarray) -> np.ndarray:
+            return np.column_stack([1.0 - 2.0 * points[:, 0], 0.8 * np.cos(8.0 * points[:, 1])])
+
+        rows = []
+        for candidate in (coarse, network, (pair_value, pair_gradient)):
+            exact = relative_errors(candidate, reference_h)
+            sampled = relative_errors(candidate, reference_h, max_points=1, samples=2**15)
+            rows.append((exact, sampled))
+        results["world" if comm is MPI.COMM_WORLD else "self"] = rows
+    for exact, sampled in results["self"]:
+        np.testing.assert_allclose(sampled, exact, rtol=0.05)
+    # Equal up to the few points that lie on facets (the Sobol' points are dyadic and so is the
+    # mesh at x = 1/2), where a discontinuous gradient is taken from another cell.
+    for (_, world), (_, serial) in zip(results["world"], results["self"], strict=True):
+        np.testing.assert_allclose(world, serial, rtol=1e-5)
+    with pytest.raises(ValueError, match="samples"):
+        relative_errors(coarse, reference_h, max_points=1, samples=0)
+
+
 # -- parallel: every quantity equal on 1 and 2 ranks -----------------------------------------------
 def test_quantities_equal_on_world_and_self():
     """The FE solution, K̃, errors and the tensor agree between COMM_WORLD and COMM_SELF."""

@@ -167,13 +167,17 @@ def test_solve_on_a_mesh_domain_takes_the_hybrid_path():
 
 
 def test_solve_3d_basis():
-    """paper_3d through the basis method at a small size: it runs and K̃ is admissible."""
+    """paper_3d through the basis method at a small size: it runs and K̃ is admissible.
+
+    The boundary layers are on by default in 3D as in 2D.
+    """
     problem = dp.paper_3d(0.25)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        solution = dp.solve(problem, basis={"degrees": (4, 2, 2), "k_max": 3})
+        solution = dp.solve(problem, basis={"degrees": (4, 2, 2), "k_max": 3, "layer_degree": 3})
     metrics = solution.metrics
-    assert metrics["configuration"]["method"] == "basis" and metrics["unknowns"] < 400
+    assert metrics["configuration"]["method"] == "basis" and metrics["basis"]["boundary_layers"]
+    assert metrics["unknowns"] < 1500
     assert problem.alpha <= metrics["K_tilde"] <= problem.beta
     assert np.isfinite(metrics["indicators"]["pde_residual"])
 
@@ -270,8 +274,8 @@ def test_verdict_separates_good_and_failing_runs():
     assert runs["good"].metrics["converged"]
 
 
-def test_solve_3d_boundary_layers_on_request():
-    """3D boundary layers (``basis={"boundary_layers": True}``) cancel the correctors' traces.
+def test_solve_3d_boundary_layers():
+    """3D boundary layers (``basis={"boundary_layers": ...}``) cancel the correctors' traces.
 
     Without them the lifted 3D solution, mostly the first corrector, keeps its fast trace on
     the faces (boundary residual of order one); with them it drops by an order of magnitude.
