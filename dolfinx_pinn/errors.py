@@ -22,7 +22,12 @@ from torch import nn
 
 from dolfinx_pinn.problems import MultiscaleProblem
 
-__all__ = ["ReferenceErrors", "pointwise_reference", "reference_errors"]
+__all__ = [
+    "ReferenceErrors",
+    "network_values_and_gradients",
+    "pointwise_reference",
+    "reference_errors",
+]
 
 _GAUSS_NODES = 6
 
@@ -75,29 +80,42 @@ class ReferenceErrors:
 
     def __call__(self, model: nn.Module, chunk: int = 4096) -> tuple[float, float]:
         """``(relative L², relative H¹ seminorm)`` of ``model`` (points ``(N, d)`` -> ``(N,)``)."""
-        parameter = next(model.parameters())
-        values, gradients = [], []
-        # A network with analytic first derivatives (the two-scale basis) skips autograd.
-        analytic = getattr(model, "value_and_gradient", None)
-        for start in range(0, len(self.points), chunk):
-            x = torch.tensor(
-                self.points[start : start + chunk], dtype=parameter.dtype, device=parameter.device
-            )
-            if analytic is not None:
-                with torch.no_grad():
-                    v, g = analytic(x)
-            else:
-                x.requires_grad_(True)
-                with torch.enable_grad():
-                    v = model(x).reshape(-1)
-                    (g,) = torch.autograd.grad(v.sum(), x)
-            values.append(v.detach().cpu().numpy())
-            gradients.append(g.detach().cpu().numpy())
-        value = np.concatenate(values)
-        gradient = np.concatenate(gradients)
+        value, gradient = network_values_and_gradients(model, self.points, chunk)
         l2 = np.sum(self.weights * (value - self.reference_value) ** 2)
         h1 = np.sum(self.weights * ((gradient - self.reference_gradient) ** 2).sum(axis=1))
         return float(np.sqrt(l2 / self._norms[0])), float(np.sqrt(h1 / self._norms[1]))
+
+
+def network_values_and_gradients(
+    module: nn.Module, points: np.ndarray, chunk: int = 8192
+) -> tuple[np.ndarray, np.ndarray]:
+    """Values ``(N,)`` and gradients ``(N, d)`` of a network at points, in chunks.
+
+    A network with analytic first derivatives (``value_and_gradient``, the two-scale basis)
+    skips autograd, which costs several times more through its Fourier families.
+    """
+    parameter = next(module.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None else torch.float64
+    analytic = getattr(module, "value_and_gradient", None)
+    values, grads = [], []
+    for start in range(0, len(points), chunk):
+        x = torch.tensor(points[start : start + chunk], dtype=dtype, device=device)
+        if analytic is not None:
+            with torch.no_grad():
+                v, g = analytic(x)
+        else:
+            x.requires_grad_(True)
+            with torch.enable_grad():
+                v = module(x).reshape(-1)
+                (g,) = torch.autograd.grad(v.sum(), x)
+        values.append(v.detach().cpu().double().numpy().reshape(-1))
+        grads.append(g.detach().cpu().double().numpy())
+    dim = points.shape[1]
+    return (
+        np.concatenate(values) if values else np.zeros(0),
+        np.concatenate(grads) if grads else np.zeros((0, dim)),
+    )
 
 
 def _quadrature(

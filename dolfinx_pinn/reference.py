@@ -27,6 +27,7 @@ import ufl
 from dolfinx import default_scalar_type, fem
 from dolfinx import mesh as dmesh
 
+from dolfinx_pinn.errors import network_values_and_gradients
 from dolfinx_pinn.ksp import default_options, solve_linear
 from dolfinx_pinn.problems import MultiscaleProblem
 
@@ -919,36 +920,6 @@ def _degree_of_rule(cell_type: basix.CellType, num_points: int) -> int:
     raise RuntimeError("could not recover the quadrature degree")  # pragma: no cover
 
 
-def _module_at_points(module: torch.nn.Module, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Values ``(N,)`` and gradients ``(N, d)`` of a network at points, in chunks.
-
-    A network with analytic first derivatives (``value_and_gradient``, the two-scale basis)
-    skips autograd, which costs several times more through its Fourier families.
-    """
-    parameter = next(module.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    dtype = parameter.dtype if parameter is not None else torch.float64
-    analytic = getattr(module, "value_and_gradient", None)
-    values, grads = [], []
-    for start in range(0, len(points), 8192):
-        x = torch.tensor(points[start : start + 8192], dtype=dtype, device=device)
-        if analytic is not None:
-            with torch.no_grad():
-                v, g = analytic(x)
-        else:
-            x.requires_grad_(True)
-            with torch.enable_grad():
-                v = module(x).reshape(-1)
-                (g,) = torch.autograd.grad(v.sum(), x)
-        values.append(v.detach().cpu().double().numpy().reshape(-1))
-        grads.append(g.detach().cpu().double().numpy())
-    dim = points.shape[1]
-    return (
-        np.concatenate(values) if values else np.zeros(0),
-        np.concatenate(grads) if grads else np.zeros((0, dim)),
-    )
-
-
 def _function_at_points(
     u: fem.Function, points: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -983,6 +954,29 @@ def _function_at_points(
         grads[hit] = gradient.eval(padded[hit], cells).reshape(len(hit), -1)[:, : points.shape[1]]
         found[hit] = 1.0
     return values, grads, found
+
+
+def _relative(
+    weights: np.ndarray,
+    c_values: np.ndarray,
+    c_grads: np.ndarray,
+    r_values: np.ndarray,
+    r_grads: np.ndarray,
+    comm: MPI.Comm,
+) -> tuple[float, float]:
+    """Relative L² and H¹-seminorm errors from this rank's weighted values (collective)."""
+    local = np.array(
+        [
+            (weights * (c_values - r_values) ** 2).sum(),
+            (weights * r_values**2).sum(),
+            (weights * ((c_grads - r_grads) ** 2).sum(axis=-1)).sum(),
+            (weights * (r_grads**2).sum(axis=-1)).sum(),
+        ]
+    )
+    total = comm.allreduce(local, op=MPI.SUM)
+    if total[1] <= 0 or total[3] <= 0:
+        raise ValueError("reference: its L² norm or H¹ seminorm is zero, relative errors undefined")
+    return float(np.sqrt(total[0] / total[1])), float(np.sqrt(total[2] / total[3]))
 
 
 def _sampled_errors(candidate: Any, reference: fem.Function, samples: int) -> tuple[float, float]:
@@ -1022,24 +1016,13 @@ def _sampled_errors(candidate: Any, reference: fem.Function, samples: int) -> tu
     total_found = comm.allreduce(found, op=MPI.SUM)
     share = 1.0 / np.maximum(total_found[mine], 1.0)
     r_values, r_grads = r_values[mine], r_grads[mine]
-    local = np.array(
-        [
-            (share * (c_values - r_values) ** 2).sum(),
-            (share * r_values**2).sum(),
-            (share * ((c_grads - r_grads) ** 2).sum(axis=-1)).sum(),
-            (share * (r_grads**2).sum(axis=-1)).sum(),
-        ]
-    )
-    total = comm.allreduce(local, op=MPI.SUM)
-    if total[1] <= 0 or total[3] <= 0:
-        raise ValueError("reference: its L² norm or H¹ seminorm is zero, relative errors undefined")
-    return float(np.sqrt(total[0] / total[1])), float(np.sqrt(total[2] / total[3]))
+    return _relative(share, c_values, c_grads, r_values, r_grads, comm)
 
 
 def _candidate_on_points(candidate: Any, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Values and gradients of a network or a pair of callables at points ``(N, d)``."""
     if isinstance(candidate, torch.nn.Module):
-        return _module_at_points(candidate, points)
+        return network_values_and_gradients(candidate, points)
     if isinstance(candidate, GradientCallable):
         value, gradient = candidate.value, candidate.gradient
     elif (
@@ -1050,8 +1033,9 @@ def _candidate_on_points(candidate: Any, points: np.ndarray) -> tuple[np.ndarray
         value, gradient = candidate
     else:
         raise TypeError(
-            "candidate must be a dolfinx Function, a torch.nn.Module, an object with "
-            f"value/gradient methods, or a pair of callables (u, grad_u); got {type(candidate)}"
+            "candidate/reference must be a dolfinx Function, a torch.nn.Module, an object with "
+            "value/gradient methods, or a pair of callables (u, grad_u) on points (N, d); "
+            f"got {type(candidate)}"
         )
     dim = points.shape[1]
     return (
@@ -1067,26 +1051,8 @@ def _candidate_on_quadrature(
     flat_points = data.points.reshape(-1, data.points.shape[-1])
     if isinstance(candidate, fem.Function):
         return _function_on_quadrature(candidate, mesh, data)
-    if isinstance(candidate, torch.nn.Module):
-        values, grads = _module_at_points(candidate, flat_points)
-        return values.reshape(shape), grads.reshape(*shape, -1)
-    if isinstance(candidate, GradientCallable):
-        value, gradient = candidate.value, candidate.gradient
-    elif (
-        isinstance(candidate, (tuple, list))
-        and len(candidate) == 2
-        and all(map(callable, candidate))
-    ):
-        value, gradient = candidate
-    else:
-        raise TypeError(
-            "candidate/reference must be a dolfinx Function, a torch.nn.Module, an object with "
-            "value/gradient methods, or a pair of callables (u, grad_u) on points (N, d); "
-            f"got {type(candidate)}"
-        )
-    values = np.asarray(value(flat_points), dtype=np.float64).reshape(shape)
-    grads = np.asarray(gradient(flat_points), dtype=np.float64).reshape(*shape, -1)
-    return values, grads
+    values, grads = _candidate_on_points(candidate, flat_points)
+    return values.reshape(shape), grads.reshape(*shape, -1)
 
 
 def relative_errors(
@@ -1151,18 +1117,7 @@ def relative_errors(
     data = _quadrature(mesh, quadrature_degree)
     c_values, c_grads = _candidate_on_quadrature(candidate, mesh, data)
     r_values, r_grads = _candidate_on_quadrature(reference, mesh, data)
-    local = np.array(
-        [
-            (data.weights * (c_values - r_values) ** 2).sum(),
-            (data.weights * r_values**2).sum(),
-            (data.weights * ((c_grads - r_grads) ** 2).sum(axis=-1)).sum(),
-            (data.weights * (r_grads**2).sum(axis=-1)).sum(),
-        ]
-    )
-    total = mesh.comm.allreduce(local, op=MPI.SUM)
-    if total[1] <= 0 or total[3] <= 0:
-        raise ValueError("reference: its L² norm or H¹ seminorm is zero, relative errors undefined")
-    return float(np.sqrt(total[0] / total[1])), float(np.sqrt(total[2] / total[3]))
+    return _relative(data.weights, c_values, c_grads, r_values, r_grads, mesh.comm)
 
 
 # -- upscaling ---------------------------------------------------------------------------------
