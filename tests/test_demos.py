@@ -114,7 +114,7 @@ def test_demo_composite_part(tmp_path):
 def test_demo_3d_box(tmp_path):
     """paper_3d on the unit cube (quick: ε = 0.5, Legendre degrees (6, 4, 2)) against P2.
 
-    Measured rel L² 0.12, rel H¹ 0.36 in about 40 s; the gmsh part is left out (``--skip-part``):
+    Measured rel L² 0.11, rel H¹ 0.34 in about 45 s; the gmsh part is left out (``--skip-part``):
     its quick solve did not finish within 200 s on the 2-core test machine.
     """
     out = tmp_path / "out_3d"
