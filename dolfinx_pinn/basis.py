@@ -57,6 +57,19 @@ mostly the corners (corner layers, where two faces' layers meet, are not in the 
 of the two faces' Bloch modes were tried and gained nothing) and, at ε <= 0.05, a sampling
 variance of about 2x between point sets.
 
+A third cause grew as ε fell: with free blocks of degrees (30, 24, 18) the rel. L² error was
+7e-5, 2.4e-4, 7e-4 and 8.4e-4 at ε = 0.1, 0.05, 0.02, 0.01 (with 3x the points, i.e. without
+the sampling variance), 70-80 % of it a smooth interior bump. The strong residual of a free
+order-0 function S carries ``ε^{|β|-2}`` times the mismatch between ``D^β S`` and the order-|β|
+coefficient, so as ε falls the least squares forces S into the part whose derivatives the
+lower blocks hold: an effective degree of ``min(p_0, p_1 + 1, p_2 + 2) = 20``, whose
+approximation error that bump is (degrees (30, 29, 28): 3.1e-4 at ε = 0.01, (24, 23, 22):
+9.4e-4, (20, 19, 18): 3.0e-3). With ``tied`` the order-0 functions carry their correctors,
+``φ + Σ_β m_β ε^|β| N_β D^β φ`` (residual O(ε) for every φ: tested), so all of degree ``p_0``
+stays usable, and free blocks of lower degree beside them keep what is not of that form (the
+boundary-layer tails, the higher-order terms; tied features alone gave O(1) errors: for
+degree-30 functions with wavelengths near ε the expansion is not asymptotic).
+
 Every module follows the package's conventions: float64 by default, input ``(N, d)``, output
 ``(N,)``, ``jet(x, full_hessian, directions)`` returning ``(value, gradient, Laplacian or
 Hessian)``, the last ``nn.Linear`` (``output``) being the linear output layer. The boundary
@@ -784,11 +797,21 @@ class BasisConfig:
         layer_normal_degree: Normal Legendre degree of a boundary-layer coefficient.
         tol: Relative tolerance of the corrector spectrum (wave-vector set).
         k_max: Fourier modes per direction of the cell problems (``None``: from ``tol``).
+        tied: Tie the correctors to the order-0 slow functions: one feature
+            ``φ + Σ_β m_β ε^|β| N_β D^β φ`` per slow function φ of degree <= ``degrees[0]``
+            (the truncated expansion of :mod:`the module docstring <dolfinx_pinn.basis>`, whose
+            residual is O(ε) whatever φ), instead of a free φ; the order-m blocks then need
+            ``degrees[m] >= degrees[0] - m`` (they hold ``D^β φ``) and keep free features of
+            degree <= ``free_degrees[m - 1]`` only.
+        free_degrees: With ``tied``, the degree of the free features of each order
+            ``1..order`` (-1: none).
         reasons: Why each choice was made (for reports).
     """
 
     order: int = 2
     degrees: tuple[int, ...] = (24, 18, 12)
+    tied: bool = False
+    free_degrees: tuple[int, ...] = ()
     boundary_layers: bool = True
     layer_order: int = 1
     layer_degree: int = 14
@@ -822,7 +845,10 @@ def choose_config(problem: MultiscaleProblem, **overrides: Any) -> BasisConfig:
       ``|β| > p + 2``), so order ``p + 3`` (at least 4) with degree 8 is exact up to the
       corrector truncation; no boundary layers exist (the boundary is two points).
     * 2D/3D: order 2, degrees from the source's length scale ``ℓ = ‖q‖/‖∇q‖`` (about
-      ``2.1 / ℓ`` for the mean part, within [24, 30] in 2D, 16 in 3D), boundary layers on.
+      ``2.1 / ℓ`` for the mean part, within [24, 30] in 2D, 16 in 3D), boundary layers on;
+      in 2D the correctors are tied to the order-0 part (``tied``) with free blocks of degrees
+      ``top - 6`` and ``top - 12`` beside them. Overriding ``degrees`` or ``order`` without
+      ``tied`` gives free blocks of those degrees (the untied ansatz).
     """
     d = problem.dim
     config = BasisConfig()
@@ -840,7 +866,13 @@ def choose_config(problem: MultiscaleProblem, **overrides: Any) -> BasisConfig:
         floor, cap = (24, 30) if d == 2 else (16, 16)
         top = int(min(cap, max(floor, math.ceil(2.1 / max(scale, 1e-12)))))
         if d == 2:
-            config.degrees = (top, max(6, top - 6), max(4, top - 12))
+            # Tied: free blocks of degrees (top, top - 6, top - 12) leave the order-0 part
+            # consistent with its correctors only up to degree top - 10 (the order-m block must
+            # hold D^β of it), and the strong residual of the rest grows like 1/ε; tied
+            # correctors keep all of degree top (on paper_2d at ε = 0.01: rel. L² 1.1e-3 ->
+            # 3.2e-4 with the same 2 076 unknowns and points).
+            config.degrees = (top, top - 1, top - 2)
+            config.tied, config.free_degrees = True, (max(6, top - 6), max(4, top - 12))
         else:
             config.degrees = (top, max(6, top - 6), max(4, top - 10))
         config.reasons["degrees"] = f"source length scale {scale:.3g} -> mean degree {top}"
@@ -850,10 +882,29 @@ def choose_config(problem: MultiscaleProblem, **overrides: Any) -> BasisConfig:
         if not hasattr(config, key):
             raise ValueError(f"unknown setting {key!r}; one of {sorted(vars(config))}")
         setattr(config, key, value)
+    if ("degrees" in overrides or "order" in overrides) and "tied" not in overrides:
+        # Degrees of the user's own are the free blocks they name.
+        config.tied, config.free_degrees = False, ()
     if len(config.degrees) < config.order + 1:
         raise ValueError(
             f"degrees must give one degree per order 0..{config.order}, got {config.degrees}"
         )
+    if config.tied:
+        degrees = tuple(config.degrees)
+        short = [m for m in range(1, config.order + 1) if degrees[m] < degrees[0] - m]
+        if short:
+            raise ValueError(
+                f"degrees: with tied correctors order m needs degree >= degrees[0] - m "
+                f"(it holds D^β φ), got {degrees} (orders {short})"
+            )
+        free = tuple(config.free_degrees)
+        if len(free) != config.order or any(
+            not (-1 <= f <= degrees[m + 1]) for m, f in enumerate(free)
+        ):
+            raise ValueError(
+                f"free_degrees: one degree in [-1, degrees[m]] per order 1..{config.order}, "
+                f"got {config.free_degrees}"
+            )
     return config
 
 
@@ -907,6 +958,7 @@ class TwoScaleBasis(nn.Module):
         ]
         for column, key in enumerate(keys):
             blocks.append((0, column, total_degree_indices(self.dim, config.degrees[len(key)])))
+        self._corrector_keys = list(keys)
         self.trace_misfit = 0.0
         # The slowest decay rate |Re λ| of the layers at the faces normal to each axis.
         self.layer_decay: dict[int, float] = {}
@@ -938,12 +990,114 @@ class TwoScaleBasis(nn.Module):
             columns = torch.as_tensor(inverse[offset : offset + len(indices)], dtype=torch.long)
             offset += len(indices)
             self._blocks.append((family, column, columns))
-        self.num_features = sum(len(c) for _, _, c in self._blocks)
+        self.num_expanded = sum(len(c) for _, _, c in self._blocks)
+        self._tied_blocks: list[tuple[int, torch.Tensor]] = []
+        self._free_columns: torch.Tensor | None = None
+        if config.tied:
+            self._tie(domain.lengths, config)
+        tied = len(self._blocks[0][2]) if config.tied else 0
+        free = self.num_expanded if self._free_columns is None else len(self._free_columns)
+        self.num_features = tied + free
         self.output = nn.Linear(self.num_features, 1, dtype=dtype)
         with torch.no_grad():
             self.output.weight.zero_()
             self.output.bias.zero_()
         self.output.bias.requires_grad_(False)
+
+    # -- tied correctors ----------------------------------------------------------------------
+    def _tie(self, lengths: Sequence[float], config: BasisConfig) -> None:
+        """The map from the output unknowns (tied, then free) to the block features.
+
+        A tied feature is ``φ_n + Σ_β m_β F_β D^β φ_n`` (``F_β`` already holds ``ε^|β|``, ``m_β``
+        the number of orderings of β: the symmetrised corrector stands for all of them); the
+        Legendre expansion of ``D^β φ_n`` in the order-|β| block is exact (coefficients by
+        Gauss-Legendre quadrature of the differentiated recurrence).
+        """
+        top = int(config.degrees[0])
+        nodes, weights = np.polynomial.legendre.leggauss(top + 2)
+        t = torch.as_tensor(nodes, dtype=torch.float64)
+        tables = [table.numpy() for table in _legendre_table(t, top, config.order)]
+        # projections[q][i, n]: coefficient of L_i in d^q/dt^q L_n (orthonormal for dt/2)
+        projections = [(tables[0] * weights[:, None] / 2.0).T @ table for table in tables]
+        indices = self.slow.indices.numpy()
+        tied = indices[self._blocks[0][2].numpy()]
+        for b, (family, column, columns) in enumerate(self._blocks):
+            if family != 0:
+                continue
+            key = self._corrector_keys[column]
+            counts = [key.count(a) for a in range(self.dim)]
+            multiplicity = math.factorial(len(key)) / math.prod(math.factorial(c) for c in counts)
+            position = {tuple(indices[c]): row for row, c in enumerate(columns.tolist())}
+            matrix = np.zeros((len(columns), len(tied)))
+            for j, n in enumerate(tied):
+                factors = []
+                for a in range(self.dim):
+                    q = counts[a]
+                    column_ = projections[q][:, n[a]] * (2.0 / lengths[a]) ** q
+                    # d^q/dt^q L_n holds L_i for i <= n - q of the same parity only (the rest
+                    # is quadrature round-off)
+                    support = range(n[a] - q, -1, -2)
+                    factors.append([(i, column_[i]) for i in support])
+                for combination in itertools.product(*factors):
+                    target = tuple(i for i, _ in combination)
+                    if target not in position:
+                        raise ValueError(
+                            f"degrees: D^{key} of a degree-{sum(n)} slow function is not in the "
+                            f"order-{len(key)} block of degree {config.degrees[len(key)]}"
+                        )
+                    matrix[position[target], j] += multiplicity * math.prod(
+                        v for _, v in combination
+                    )
+            self._tied_blocks.append((b, torch.as_tensor(matrix)))
+        free = []
+        offset = 0
+        for family, column, columns in self._blocks:
+            if family == 0:
+                limit = config.free_degrees[len(self._corrector_keys[column]) - 1]
+                degree = indices[columns.numpy()].sum(1)
+                free.extend((offset + np.flatnonzero(degree <= limit)).tolist())
+            elif family >= 1:
+                free.extend(range(offset, offset + len(columns)))
+            offset += len(columns)
+        self._free_columns = torch.as_tensor(free, dtype=torch.long)
+
+    def _block_slices(self) -> list[slice]:
+        slices, offset = [], 0
+        for _, _, columns in self._blocks:
+            slices.append(slice(offset, offset + len(columns)))
+            offset += len(columns)
+        return slices
+
+    def _reduce(self, expanded: torch.Tensor) -> torch.Tensor:
+        """Block-feature columns ``(..., num_expanded)`` -> output-unknown columns."""
+        if self._free_columns is None:
+            return expanded
+        slices = self._block_slices()
+        tied = expanded[..., slices[0]].clone()
+        for b, matrix in self._tied_blocks:
+            tied += expanded[..., slices[b]] @ matrix.to(expanded.device)
+        return torch.cat([tied, expanded[..., self._free_columns.to(expanded.device)]], -1)
+
+    def _expanded_weights(self) -> torch.Tensor:
+        """The output weights on the block features ``(num_expanded,)`` (differentiable)."""
+        weight = self.output.weight[0]
+        if self._free_columns is None:
+            return weight
+        slices = self._block_slices()
+        tied = weight[: slices[0].stop]
+        pieces = {0: tied}
+        for b, matrix in self._tied_blocks:
+            pieces[b] = matrix.to(weight.device) @ tied
+        dense = torch.cat(
+            [
+                pieces[b]
+                if b in pieces
+                else torch.zeros(sl.stop - sl.start, dtype=weight.dtype, device=weight.device)
+                for b, sl in enumerate(slices)
+            ]
+        )
+        free = self._free_columns.to(weight.device)
+        return dense.index_add(0, free, weight[slices[0].stop :])
 
     @property
     def layer_unknowns(self) -> int:
@@ -1032,7 +1186,11 @@ class TwoScaleBasis(nn.Module):
                 + F[:, None, None, None] * hs
             )
             seconds.append(hessian if full_hessian else torch.diagonal(hessian, 0, 1, 2).sum(-1))
-        return torch.cat(values, 1), torch.cat(grads, 2), torch.cat(seconds, -1)
+        return (
+            self._reduce(torch.cat(values, 1)),
+            self._reduce(torch.cat(grads, 2)),
+            self._reduce(torch.cat(seconds, -1)),
+        )
 
     def operator_rows(self, x: torch.Tensor, K: torch.Tensor, drift: torch.Tensor) -> torch.Tensor:
         """Rows ``-(K : ∇²Φ + drift · ∇Φ)`` ``(N, n)`` of the features, without their Hessians.
@@ -1050,7 +1208,7 @@ class TwoScaleBasis(nn.Module):
         LS = torch.einsum("njk,njks->ns", K, hS) + torch.einsum("nj,njs->ns", drift, gS)
         KS = torch.einsum("njk,nks->njs", K, gS)
         # Written block by block into one array, in place: the rows are memory-bound.
-        rows = torch.empty(x.shape[0], self.num_features, dtype=x.dtype, device=x.device)
+        rows = torch.empty(x.shape[0], self.num_expanded, dtype=x.dtype, device=x.device)
         offset = 0
         for family, column, columns in self._blocks:
             block = rows[:, offset : offset + len(columns)]
@@ -1065,7 +1223,7 @@ class TwoScaleBasis(nn.Module):
             for j in range(self.dim):
                 block.addcmul_(KS[:, j, columns], gF[:, j : j + 1], value=2.0)
             block.neg_()
-        return rows
+        return self._reduce(rows)
 
     def value_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Feature values ``(N, n)`` (the rows of Dirichlet conditions)."""
@@ -1074,11 +1232,11 @@ class TwoScaleBasis(nn.Module):
         for family, column, columns in self._blocks:
             F = self._fast_of(fast, constant, family, column)[0]
             rows.append(F[:, None] * S[:, columns])
-        return torch.cat(rows, 1)
+        return self._reduce(torch.cat(rows, 1))
 
     def _scattered_weights(self, size: int, device: torch.device) -> torch.Tensor:
         """The output weights as a ``(slow functions, blocks)`` matrix (differentiable)."""
-        weight = self.output.weight[0]
+        weight = self._expanded_weights()
         scattered = torch.zeros(size, len(self._blocks), dtype=weight.dtype, device=device)
         offset = 0
         for b, (_, _, columns) in enumerate(self._blocks):
@@ -1169,6 +1327,9 @@ class TwoScaleBasis(nn.Module):
             "k_max": self.k_max,
             "order": self.config.order,
             "degrees": list(self.config.degrees),
+            "tied": self.config.tied,
+            "free_degrees": list(self.config.free_degrees),
+            "block_features": self.num_expanded,
             "boundary_layers": self.config.boundary_layers and self.dim >= 2,
             "layer_degree": self.config.layer_degree,
             "trace_misfit": self.trace_misfit,

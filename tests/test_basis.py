@@ -23,6 +23,7 @@ from dolfinx_pinn.basis import (
 from dolfinx_pinn.homogenization import cell_problem_from
 from dolfinx_pinn.least_squares import (
     boundary_rows,
+    coefficient_data,
     default_points,
     pde_rows,
     solve_output_layer,
@@ -110,7 +111,7 @@ def test_jets_against_autograd(dim):
     x = torch.rand(40, dim, dtype=torch.float64)
     value, gradient, hessian = autograd_jet(net, x)
     v, g, h = net.jet(x, full_hessian=True)
-    scale = float(hessian.abs().max())
+    scale = float(hessian.detach().abs().max())
     assert torch.allclose(v, value, rtol=1e-12, atol=1e-12)
     assert torch.allclose(g, gradient, rtol=1e-11, atol=1e-10 * float(gradient.abs().max()))
     assert float((h.detach() - hessian).abs().max()) < 1e-11 * scale
@@ -443,3 +444,76 @@ def test_weighted_rows_against_numpy_lstsq():
         solve_output_layer(problem, net, interior, boundary, interior_weights=local_weights[:-1])
     with pytest.raises(ValueError, match="interior_weights"):
         solve_output_layer(problem, net, interior, boundary, interior_weights=-local_weights)
+
+
+def test_tied_features_consistent():
+    """Tied features: forward, gradient and Hessian against autograd; rows against the jets."""
+    problem = paper_2d(0.05)
+    net = small_2d(problem, tied=True, degrees=(8, 7, 6), free_degrees=(3, -1))
+    assert net.num_features < net.num_expanded
+    randomise(net, seed=3)
+    x = torch.rand(40, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    value, gradient, hessian = net.jet(x, full_hessian=True)
+    v, g, h = autograd_jet(net, x)
+    scale = float(hessian.detach().abs().max())
+    assert torch.allclose(value, v, atol=1e-12 * float(v.abs().max()))
+    assert torch.allclose(gradient, g, atol=1e-12 * float(g.abs().max()))
+    assert torch.allclose(hessian, h, atol=1e-11 * scale)
+    features, feature_gradients, feature_hessians = net.feature_jet(x, full_hessian=True)
+    weights = net.output.weight[0].detach()
+    assert torch.allclose(features @ weights + 0.3, value, atol=1e-12 * float(v.abs().max()))
+    assert torch.allclose(feature_hessians @ weights, hessian, atol=1e-11 * scale)
+    rows, _ = pde_rows(net, problem, x)
+    K, drift, _ = coefficient_data(problem, x)
+    expected = -(
+        torch.einsum("njk,njkm->nm", K, feature_hessians)
+        + torch.einsum("nj,njm->nm", drift, feature_gradients)
+    )
+    assert torch.allclose(rows, expected, atol=1e-11 * float(expected.abs().max()))
+    assert torch.allclose(net.value_rows(x), features, rtol=0, atol=1e-13)
+
+
+def test_tied_residual_is_order_eps():
+    """A tied feature is the truncated expansion: its residual is -a⁰:∇²φ + O(ε)."""
+    errors = []
+    for eps in (0.04, 0.02, 0.01):
+        problem = paper_2d(eps)
+        net = TwoScaleBasis.for_problem(
+            problem, tied=True, degrees=(8, 7, 6), free_degrees=(-1, -1), boundary_layers=False
+        )
+        generator = torch.Generator().manual_seed(1)
+        x = 0.2 + 0.6 * torch.rand(4000, 2, dtype=torch.float64, generator=generator)
+        rows, _ = pde_rows(net, problem, x)
+        _, _, hessian = net.slow.jet(x)
+        tied = net._blocks[0][2]
+        homogenised = -torch.einsum(
+            "jk,njks->ns", torch.as_tensor(net.cell_tensor), hessian[..., tied]
+        )
+        columns = [5, 20, 40]
+        difference = (rows[:, columns] - homogenised[:, columns]).pow(2).mean(0).sqrt()
+        errors.append(float((difference / homogenised[:, columns].pow(2).mean(0).sqrt()).max()))
+    assert errors[0] < 0.1
+    # Halving ε halves the residual (first order), which no free-block sum of the same
+    # functions does: their residual is O(1/ε²) unless the blocks are tied.
+    for coarse, fine in itertools.pairwise(errors):
+        assert 1.6 < coarse / fine < 2.5, errors
+
+
+def test_tied_default_and_overrides():
+    config = choose_config(paper_2d(0.05))
+    assert config.tied and config.degrees == (30, 29, 28) and config.free_degrees == (24, 18)
+    # Degrees of one's own are free blocks unless tied is asked for too.
+    assert not choose_config(paper_2d(0.05), degrees=(6, 4, 3)).tied
+    with pytest.raises(ValueError, match="degrees: with tied"):
+        choose_config(paper_2d(0.05), degrees=(6, 4, 3), tied=True, free_degrees=(2, 1))
+    with pytest.raises(ValueError, match="free_degrees"):
+        choose_config(paper_2d(0.05), degrees=(6, 5, 4), tied=True, free_degrees=(9, 1))
+    # 3D keeps the free blocks.
+    cube = MultiscaleProblem(
+        lambda x, m: 2.0 + m.sin(2 * m.pi * x[0] / 0.2),
+        lambda x, m: 1.0 + 0 * x[0],
+        0.2,
+        dim=3,
+        period=(1.0, 1.0, 1.0),
+    )
+    assert not choose_config(cube).tied
