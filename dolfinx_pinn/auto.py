@@ -10,6 +10,9 @@ method and its settings:
   (:func:`~dolfinx_pinn.least_squares.solve_output_layer`: analytic rows in chunks, QR in 1D,
   normal equations in 2D/3D). This is the τ2 → 0 limit of the hybrid continuation, reached in
   one linear solve; K̃ is then (4.10) of that network and the coarse problem is solved with it.
+  On request (``method="basis"``) also on a 2D mesh domain with any boundary data: no face
+  layers, the holes' functions (:class:`~dolfinx_pinn.basis.HoleFunctions`) beside the
+  Legendre ones, soft Dirichlet rows ``v = g`` and Neumann rows ``(K ∇v)·n = h``.
 * ``method="hybrid"`` (any other problem, or ``network=``): a
   :class:`~dolfinx_pinn.solver.HybridSolver` with a two-scale network trained by output-layer
   projection and τ2 continuation.
@@ -169,14 +172,24 @@ def _two_scale_network(problem: MultiscaleProblem, **settings: Any) -> nn.Module
 
 def _basis_applies(problem: MultiscaleProblem) -> str | None:
     """Why the basis method cannot serve ``problem``, or None when it can."""
+    from dolfinx_pinn.geometry import MeshDomain
     from dolfinx_pinn.problems import Box
 
     if problem.period is None:
         return "the coefficient has no period vector"
+    if isinstance(problem.domain, MeshDomain):
+        # 2D: Legendre slow functions on the bounding box, the holes' log and multipole
+        # functions (a polynomial basis cannot hold them on a multiply connected domain:
+        # without them rel. L² 0.2 on a plate with two Dirichlet holes, with them 1e-3),
+        # soft Dirichlet and Neumann rows. 1D needs no mesh; in 3D a cavity would need the 3D
+        # multipoles (1/r, ...).
+        if problem.dim != 2:
+            return f"the mesh domain is {problem.dim}D (the basis serves 2D mesh domains)"
+        return None
     if not isinstance(problem.domain, Box):
-        return "the domain is not a box"
+        return "the domain is neither a box nor a mesh domain"
     if getattr(problem, "boundary", None) is not None:
-        return "the problem has boundary data (the basis method solves the lifted (4.8))"
+        return "the box has boundary data (the box's basis solves the lifted (4.8))"
     return None
 
 
@@ -195,9 +208,14 @@ def configure(problem: MultiscaleProblem, **overrides: Any) -> SolveConfiguratio
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"solve: unknown settings {unknown}; allowed: {sorted(known)}")
+    from dolfinx_pinn.problems import Box
+
     seed = int(overrides.get("seed", 0))
     why_not = _basis_applies(problem)
-    method = overrides.get("method", "hybrid" if why_not or "network" in overrides else "basis")
+    # On a mesh domain the basis is there by request only: with Neumann data on a hole it
+    # measured no better than the hybrid (see _basis_applies).
+    automatic = why_not is None and isinstance(problem.domain, Box) and "network" not in overrides
+    method = overrides.get("method", "basis" if automatic else "hybrid")
     if method == "basis":
         if why_not is not None:
             raise ValueError(f"method: 'basis' cannot serve this problem: {why_not}")
@@ -511,6 +529,7 @@ def _solve_basis(
         interior, weights, extra = _layer_points(
             problem, network, configuration, interior, points.global_interior_count, comm
         )
+        boundary, target, neumann, n_boundary = _boundary_rows(problem, boundary, comm)
         prepared = time.perf_counter()
         form = configuration.form
         if form == "auto":
@@ -523,12 +542,14 @@ def _solve_basis(
             network,
             interior,
             boundary,
+            boundary_target=target,
+            neumann=neumann,
             form=form,
             rows=rows,
             allreduce=lambda tensor: _allreduce(tensor, comm),
             allgather=lambda tensor: _allgather(tensor, comm),
             total_interior=points.global_interior_count + extra,
-            total_boundary=points.global_boundary_count,
+            total_boundary=n_boundary,
             interior_weights=weights,
             ridge=configuration.ridge,
         )
@@ -559,6 +580,37 @@ def _solve_basis(
         metrics["unknowns"] = unknowns
         metrics["device"] = "cpu"
         return Solution(solver, metrics, verdict_)
+
+
+def _boundary_rows(
+    problem: MultiscaleProblem, boundary: torch.Tensor | None, comm: MPI.Comm
+) -> tuple[torch.Tensor | None, torch.Tensor | None, Any, int]:
+    """The Dirichlet points and data g, the Neumann rows and the Dirichlet count (collective).
+
+    Without boundary data every point is a Dirichlet point of the lifted problem (g = 0).
+    """
+    data = problem.boundary
+    if data is None or boundary is None:
+        count = 0 if boundary is None else len(boundary)
+        return boundary, None, None, int(comm.allreduce(count, op=MPI.SUM))
+    points = boundary.numpy()
+    tags = data.point_tags(points)
+    dirichlet = data.is_dirichlet(tags)
+    target = torch.from_numpy(data.dirichlet_values(points[dirichlet], tags[dirichlet]))
+    count = int(comm.allreduce(int(dirichlet.sum()), op=MPI.SUM))
+    neumann = None
+    if int(comm.allreduce(int((~dirichlet).sum()), op=MPI.SUM)):
+        at = np.ascontiguousarray(points[~dirichlet]).reshape(-1, problem.dim)
+        at_t = torch.from_numpy(at)
+        conormals = torch.zeros_like(at_t)
+        flux = torch.zeros(len(at), dtype=torch.float64)
+        if len(at):  # the rows ∇v · (K n) = h, K n from the problem's one definition
+            normals = torch.from_numpy(problem.domain.boundary_normals(at).reshape(-1, problem.dim))
+            with torch.no_grad():
+                conormals = torch.einsum("nab,na->nb", problem.K_matrix(at_t), normals)
+            flux = torch.from_numpy(data.neumann_values(at, tags[~dirichlet]).reshape(-1))
+        neumann = (at_t, conormals, flux)
+    return torch.from_numpy(np.ascontiguousarray(points[dirichlet])), target, neumann, count
 
 
 def _layer_points(

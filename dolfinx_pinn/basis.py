@@ -90,11 +90,12 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from dolfinx_pinn.problems import MultiscaleProblem
+from dolfinx_pinn.problems import Box, MultiscaleProblem
 
 __all__ = [
     "BasisConfig",
     "FourierCellProblem",
+    "HoleFunctions",
     "LegendreSlowBasis",
     "TwoScaleBasis",
     "choose_config",
@@ -537,6 +538,82 @@ class LegendreSlowBasis(nn.Module):
         return value, gradient, second
 
 
+class HoleFunctions(nn.Module):
+    """Harmonic functions singular inside the holes of a 2D domain, with their derivatives.
+
+    Per hole (centre c, radius r), with ``w = (z - c) / r`` and ``z = x_1 + i x_2``:
+    ``log|w|`` (degree 0) and ``Re w^-n``, ``Im w^-n`` (degree n = 1..degree). Polynomials
+    cannot approximate what these hold on a multiply connected domain (Walsh's theorem: the
+    net flux through a hole is the coefficient of ``log|w|``, the hole's multipoles those of
+    ``w^-n``; the same terms as the Laurent part of the lightning Laplace solver of Gopal &
+    Trefethen, PNAS 116, 2019); each is smooth in Ω and its derivatives are again such terms
+    (``d/dz w^-n = -n w^-n-1 / r``), so the order-m corrector blocks take degree + m.
+
+    Args:
+        holes: ``(centre, radius)`` per hole.
+        degree: The largest n.
+    """
+
+    def __init__(self, holes: Sequence[tuple[Sequence[float], float]], degree: int) -> None:
+        super().__init__()
+        if degree < 0:
+            raise ValueError(f"hole_degree must be >= 0, got {degree}")
+        self.register_buffer(
+            "centres", torch.tensor([list(c) for c, _ in holes], dtype=torch.float64)
+        )
+        self.register_buffer(
+            "radii", torch.tensor([float(r) for _, r in holes], dtype=torch.float64)
+        )
+        self.max_degree = int(degree)
+        per_hole = [0] + [n for n in range(1, degree + 1) for _ in range(2)]
+        self.register_buffer(
+            "degrees", torch.tensor(per_hole * len(holes), dtype=torch.long).reshape(-1)
+        )
+
+    @property
+    def size(self) -> int:
+        """The number of functions."""
+        return int(self.degrees.numel())
+
+    def jet(self, x: torch.Tensor, second: bool = True) -> tuple[Any, Any, Any]:
+        """Values ``(N, S)``, gradients ``(N, 2, S)`` and Hessians ``(N, 2, 2, S)`` (or None)."""
+        values, firsts, seconds = [], [], []
+        n = torch.arange(1, self.max_degree + 1, dtype=torch.float64, device=x.device)
+        keep_mask = torch.ones(2 * self.max_degree + 2, dtype=torch.bool, device=x.device)
+        keep_mask[1] = False  # Im log w
+        for centre, radius in zip(self.centres, self.radii, strict=True):
+            w = torch.complex(x[:, 0] - centre[0], x[:, 1] - centre[1]) / radius
+            inverse = 1.0 / w
+            # inverse^k for k = 1..degree + 2
+            powers = torch.cumprod(inverse[:, None].expand(-1, self.max_degree + 2), dim=1)
+            g = [torch.log(torch.abs(w)).to(w.dtype)[:, None], powers[:, : self.max_degree]]
+            d1 = [inverse[:, None] / radius, -n * powers[:, 1 : self.max_degree + 1] / radius]
+            d2 = [-(inverse**2)[:, None] / radius**2]
+            d2.append(n * (n + 1) * powers[:, 2 : self.max_degree + 2] / radius**2)
+            g, d1, d2 = (torch.cat(part, 1) for part in (g, d1, d2))
+            # Re and Im of each holomorphic g (Im of log w is multivalued: left out)
+            keep = torch.arange(2 * self.max_degree + 2, device=x.device)[keep_mask]
+            values.append(torch.stack([g.real, g.imag], 2).reshape(len(x), -1)[:, keep])
+            gradient = torch.stack(
+                [
+                    torch.stack([d1.real, d1.imag], 2),  # ∂_1 (Re, Im) = (Re g', Im g')
+                    torch.stack([-d1.imag, d1.real], 2),  # ∂_2 = (-Im g', Re g')
+                ],
+                1,
+            )
+            firsts.append(gradient.reshape(len(x), 2, -1)[:, :, keep])
+            if second:
+                xx = torch.stack([d2.real, d2.imag], 2)
+                xy = torch.stack([-d2.imag, d2.real], 2)
+                hessian = torch.stack([torch.stack([xx, xy], 1), torch.stack([xy, -xx], 1)], 1)
+                seconds.append(hessian.reshape(len(x), 2, 2, -1)[..., keep])
+        return (
+            torch.cat(values, 1),
+            torch.cat(firsts, 2),
+            torch.cat(seconds, 3) if second else None,
+        )
+
+
 # -- fast families ------------------------------------------------------------------------------
 def _integer_lattice(kappa: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """``(base (d,), h (H, d) integers)`` with ``kappa = h * base``, or None if there is none.
@@ -805,6 +882,10 @@ class BasisConfig:
             degree <= ``free_degrees[m - 1]`` only.
         free_degrees: With ``tied``, the degree of the free features of each order
             ``1..order`` (-1: none).
+        holes: ``(centre, radius)`` of each hole of a 2D mesh domain
+            (:meth:`~dolfinx_pinn.geometry.MeshDomain.holes`): their :class:`HoleFunctions`
+            times the constant and the correctors join the slow functions (free features).
+        hole_degree: The largest multipole degree n of the hole functions (order m: + m).
         reasons: Why each choice was made (for reports).
     """
 
@@ -812,6 +893,8 @@ class BasisConfig:
     degrees: tuple[int, ...] = (24, 18, 12)
     tied: bool = False
     free_degrees: tuple[int, ...] = ()
+    holes: tuple[tuple[tuple[float, ...], float], ...] = ()
+    hole_degree: int = 16
     boundary_layers: bool = True
     layer_order: int = 1
     layer_degree: int = 14
@@ -881,6 +964,16 @@ def choose_config(problem: MultiscaleProblem, **overrides: Any) -> BasisConfig:
         config.reasons["degrees"] = f"source length scale {scale:.3g} -> mean degree {top}"
         config.boundary_layers = True
         config.layer_degree = max(8, top - 16)
+        if not isinstance(problem.domain, Box):
+            # The face layers belong to the faces of a box; a mesh domain's boundary is not.
+            config.boundary_layers = False
+            config.reasons["boundary_layers"] = "off: the domain is not a box"
+            if d == 2:
+                config.holes = tuple(
+                    (tuple(float(v) for v in centre), radius)
+                    for centre, radius in problem.domain.holes()
+                )
+                config.reasons["holes"] = f"{len(config.holes)} inner boundary loop(s)"
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise ValueError(f"unknown setting {key!r}; one of {sorted(vars(config))}")
@@ -993,6 +1086,19 @@ class TwoScaleBasis(nn.Module):
             columns = torch.as_tensor(inverse[offset : offset + len(indices)], dtype=torch.long)
             offset += len(indices)
             self._blocks.append((family, column, columns))
+        # The hole functions: blocks after the Legendre ones, columns after the Legendre table.
+        self._hole_start = len(self._blocks)
+        self.holes = None
+        if config.holes:
+            if self.dim != 2:
+                raise ValueError(f"holes: hole functions are 2D, got dim={self.dim}")
+            self.holes = HoleFunctions(config.holes, config.hole_degree + config.order)
+            degrees = self.holes.degrees
+            for family, column, limit in [(-1, 0, 0)] + [
+                (0, c, len(key)) for c, key in enumerate(keys)
+            ]:
+                chosen = torch.nonzero(degrees <= config.hole_degree + limit)[:, 0]
+                self._blocks.append((family, column, self.slow.size + chosen))
         self.num_expanded = sum(len(c) for _, _, c in self._blocks)
         self._tied_blocks: list[tuple[int, torch.Tensor]] = []
         self._free_columns: torch.Tensor | None = None
@@ -1025,7 +1131,7 @@ class TwoScaleBasis(nn.Module):
         indices = self.slow.indices.numpy()
         tied = indices[self._blocks[0][2].numpy()]
         for b, (family, column, columns) in enumerate(self._blocks):
-            if family != 0:
+            if family != 0 or b >= self._hole_start:
                 continue
             key = self._corrector_keys[column]
             counts = [key.count(a) for a in range(self.dim)]
@@ -1054,8 +1160,10 @@ class TwoScaleBasis(nn.Module):
             self._tied_blocks.append((b, torch.as_tensor(matrix)))
         free = []
         offset = 0
-        for family, column, columns in self._blocks:
-            if family == 0:
+        for b, (family, column, columns) in enumerate(self._blocks):
+            if b >= self._hole_start:
+                free.extend(range(offset, offset + len(columns)))
+            elif family == 0:
                 limit = config.free_degrees[len(self._corrector_keys[column]) - 1]
                 degree = indices[columns.numpy()].sum(1)
                 free.extend((offset + np.flatnonzero(degree <= limit)).tolist())
@@ -1151,6 +1259,13 @@ class TwoScaleBasis(nn.Module):
             raise ValueError(f"x: points must have shape (N, {self.dim}), got {tuple(x.shape)}")
         x = x.to(torch.float64)
         slow = self.slow.jet(x, second=hessian)
+        if self.holes is not None:
+            extra = self.holes.jet(x, second=hessian)
+            slow = (
+                torch.cat([slow[0], extra[0]], 1),
+                torch.cat([slow[1], extra[1]], 2),
+                torch.cat([slow[2], extra[2]], 3) if hessian else None,
+            )
         fast = self._fast_jets(x, hessian)
         ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
         zeros = torch.zeros(x.shape[0], self.dim, 1, dtype=x.dtype, device=x.device)
@@ -1258,8 +1373,17 @@ class TwoScaleBasis(nn.Module):
             raise ValueError(f"x: points must have shape (N, {self.dim}), got {tuple(x.shape)}")
         x = x.to(torch.float64)
         fast = self._fast_jets(x, hessian)
-        scattered = self._scattered_weights(self.slow.size, x.device)
-        Sc, gSc, hSc = self.slow.combination_jet(x, scattered, hessian)
+        legendre = self.slow.size
+        holes = 0 if self.holes is None else self.holes.size
+        scattered = self._scattered_weights(legendre + holes, x.device)
+        Sc, gSc, hSc = self.slow.combination_jet(x, scattered[:legendre], hessian)
+        if holes:
+            H, gH, hH = self.holes.jet(x, second=hessian)
+            tail = scattered[legendre:]
+            Sc = Sc + H @ tail
+            gSc = gSc + gH @ tail
+            if hessian:
+                hSc = hSc + hH @ tail
         n, d = x.shape[0], self.dim
         value = torch.zeros(n, dtype=torch.float64, device=x.device) + self.output.bias
         gradient = torch.zeros(n, d, dtype=torch.float64, device=x.device)
@@ -1333,6 +1457,8 @@ class TwoScaleBasis(nn.Module):
             "tied": self.config.tied,
             "free_degrees": list(self.config.free_degrees),
             "block_features": self.num_expanded,
+            "holes": len(self.config.holes),
+            "hole_degree": self.config.hole_degree if self.config.holes else None,
             "boundary_layers": self.config.boundary_layers and self.dim >= 2,
             "layer_degree": self.config.layer_degree,
             "trace_misfit": self.trace_misfit,

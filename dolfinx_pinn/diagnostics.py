@@ -84,11 +84,18 @@ class Verdict:
 
 
 def _fresh_points(problem: MultiscaleProblem, count: int, seed: int, comm: MPI.Comm) -> np.ndarray:
-    """This rank's share of one Sobol' point set (the same set on any number of ranks)."""
+    """This rank's share of one Sobol' point set (the same set on any number of ranks).
+
+    On a domain other than a box the set covers the bounding box and only its points in Ω are
+    kept (a hole's or a notch's points would measure a residual outside the problem).
+    """
     from dolfinx_pinn.coarse import sobol_points
+    from dolfinx_pinn.problems import Box
 
     domain = problem.domain
     points = sobol_points(domain.lower, domain.upper, count, seed)
+    if not isinstance(domain, Box):
+        points = points[domain.contains(points)]
     return points[comm.rank :: comm.size]
 
 

@@ -520,6 +520,62 @@ class MeshDomain:
         """None: a mesh domain's hard-boundary factor is :meth:`potential_distance`."""
         return None
 
+    def holes(self) -> list[tuple[np.ndarray, float]]:
+        """The holes of a 2D domain: ``(centre (2,), radius)`` per inner boundary loop.
+
+        The boundary facets are joined at shared vertices into closed loops; the domain lies
+        to the left of every facet, so the outer loop runs counterclockwise (positive signed
+        area) and every hole clockwise. The centre is the centroid of the region the loop
+        encloses, the radius the largest distance from it to the loop. A hole whose centroid
+        lies in the domain (a strongly non-convex hole) is left out: the functions centred
+        on it would be singular in Ω. The same on every rank (the facets are gathered).
+
+        Raises:
+            ValueError: for a domain that is not 2D.
+        """
+        if self.dim != 2:
+            raise ValueError(f"holes: a 2D domain is needed, got dim={self.dim}")
+        vertices = self.facets.vertices  # (F, 2, 2)
+        if not len(vertices):
+            return []
+        scale = max(float(self.lengths.max()), 1e-300)
+        keys = np.round(vertices.reshape(-1, 2) / scale * 1e9).astype(np.int64)
+        _, ids = np.unique(keys, axis=0, return_inverse=True)
+        ids = ids.reshape(-1, 2)
+        parent = np.arange(int(ids.max()) + 1)
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for a, b in ids:
+            ra, rb = root(int(a)), root(int(b))
+            if ra != rb:
+                parent[ra] = rb
+        loop = np.array([root(int(a)) for a in ids[:, 0]])
+        holes = []
+        for value in np.unique(loop):
+            segments = vertices[loop == value]
+            x0, y0 = segments[:, 0, 0], segments[:, 0, 1]
+            x1, y1 = segments[:, 1, 0], segments[:, 1, 1]
+            cross = x0 * y1 - x1 * y0
+            area = 0.5 * float(cross.sum())
+            if area >= 0.0:  # the outer loop (counterclockwise)
+                continue
+            centre = np.array(
+                [
+                    float(((x0 + x1) * cross).sum()) / (6.0 * area),
+                    float(((y0 + y1) * cross).sum()) / (6.0 * area),
+                ]
+            )
+            if bool(self.contains(centre[None, :])[0]):
+                continue
+            radius = float(np.linalg.norm(segments.reshape(-1, 2) - centre, axis=1).max())
+            holes.append((centre, radius))
+        return holes
+
     # -- hard boundary conditions ------------------------------------------------------------------
     def potential_distance(self, x: Any, tags: Sequence[int] | None = None) -> Any:
         """φ = c_d / S(x): smooth, vanishing on the facets with ``tags`` (all: ``None``).

@@ -271,6 +271,8 @@ def solve_output_layer(
     interior_weight: float | None = None,
     boundary_weight: float | None = None,
     boundary_target: torch.Tensor | None = None,
+    neumann: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    neumann_weight: float | None = None,
     interior_weights: torch.Tensor | None = None,
     form: str = "normal",
     rows: str = "strong",
@@ -294,9 +296,15 @@ def solve_output_layer(
             that satisfies the boundary condition).
         interior_weight: Weight of a squared PDE row (default ``|Ω| / M_total``, (3.24)).
         boundary_weight: Weight of a squared boundary row (default
-            ``1e4 · |∂Ω| / M_b,total``: the Dirichlet condition is enforced to a relative level
+            ``1e4 · |Γ_D| / M_b,total``: the Dirichlet condition is enforced to a relative level
             of about 1e-6 of the PDE residual; measured to be insensitive between 1e3 and 1e6).
+            ``Γ_D`` is ``∂Ω`` for a problem without boundary data.
         boundary_target: Dirichlet data g at the boundary points (default 0, as in (4.8)).
+        neumann: This rank's Neumann rows ``(points (M_N, d), conormals K n (M_N, d), h
+            (M_N,))``: the rows ``∇Φ · (K n)`` with target h (counted with the boundary rows in
+            the residuals). Collective: every rank passes it (empty where it has no such
+            points) or none does.
+        neumann_weight: Weight of a squared Neumann row (default ``1e4 · |Γ_N| / M_N,total``).
         interior_weights: Per-point weights of the squared PDE rows ``(M,)`` of this rank
             (quadrature weights of a non-uniform point set, e.g.
             :class:`~dolfinx_pinn.stratified.StratifiedPoints`); replaces ``interior_weight``.
@@ -366,9 +374,29 @@ def solve_output_layer(
         if not bool(torch.all(torch.isfinite(weights) & (weights > 0))):
             raise ValueError("interior_weights must be finite and > 0")
         row_scale, w_pde = torch.sqrt(weights), 1.0
+    data = problem.boundary
     if boundary_weight is None:
-        boundary_weight = 1e4 * problem.domain.boundary_measure / max(b_total, 1)
+        measure = problem.domain.boundary_measure if data is None else data.dirichlet_measure
+        boundary_weight = 1e4 * measure / max(b_total, 1)
     w_bc = math.sqrt(boundary_weight)
+    if neumann is not None:
+        neumann_points, conormals, neumann_target = (t.to(torch.float64) for t in neumann)
+        if neumann_points.ndim != 2 or neumann_points.shape[1] != problem.dim:
+            raise ValueError(
+                f"neumann: points must have shape (M, {problem.dim}), "
+                f"got {tuple(neumann_points.shape)}"
+            )
+        neumann_target = neumann_target.reshape(-1)
+        if conormals.shape != neumann_points.shape or len(neumann_target) != len(neumann_points):
+            raise ValueError("neumann: conormals (M, d) and targets (M,) for the M points")
+        count = torch.tensor([float(len(neumann_points))], dtype=torch.float64)
+        n_total = round(float(allreduce(count)[0]))
+        if neumann_weight is None:
+            measure = problem.domain.boundary_measure - (
+                0.0 if data is None else data.dirichlet_measure
+            )
+            neumann_weight = 1e4 * measure / max(n_total, 1)
+        w_n = math.sqrt(neumann_weight)
     target = (
         torch.zeros(boundary.shape[0], dtype=torch.float64)
         if boundary_target is None
@@ -391,6 +419,13 @@ def solve_output_layer(
                 if flux:
                     J = torch.cat([J, torch.zeros(len(J), 1, dtype=J.dtype)], 1)
                 yield "bc", w_bc * J, w_bc * target[start : start + chunk_size]
+            if neumann is None:
+                return
+            for start in range(0, neumann_points.shape[0], chunk_size):
+                part = slice(start, start + chunk_size)
+                gradient = network.feature_jet(neumann_points[part])[1]  # type: ignore[operator]
+                J = torch.einsum("ndk,nd->nk", gradient, conormals[part])
+                yield "bc", w_n * J, w_n * neumann_target[part]
 
     flop_time, flops = 0.0, 0.0
     rhs_norms = torch.zeros(2, dtype=torch.float64)
