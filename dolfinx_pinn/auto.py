@@ -10,10 +10,11 @@ method and its settings:
   (:func:`~dolfinx_pinn.least_squares.solve_output_layer`: analytic rows in chunks, QR in 1D,
   normal equations in 2D/3D). This is the τ2 → 0 limit of the hybrid continuation, reached in
   one linear solve; K̃ is then (4.10) of that network and the coarse problem is solved with it.
-  On request (``method="basis"``) also on a 2D mesh domain with any boundary data: no face
-  layers, the holes' functions (:class:`~dolfinx_pinn.basis.HoleFunctions`) beside the
-  Legendre ones, soft Dirichlet rows ``v = g`` and Neumann rows ``(K ∇v)·n = h``.
-* ``method="hybrid"`` (any other problem, or ``network=``): a
+  Also on a 2D mesh domain (periodic coefficient, any boundary data): no face layers, the
+  holes' functions (:class:`~dolfinx_pinn.basis.HoleFunctions`) beside the Legendre ones, soft
+  Dirichlet rows ``v = g`` and Neumann rows ``(K ∇v)·n = h``.
+* ``method="hybrid"`` (any other problem: no period vector, a 2D box with boundary data, a 3D
+  mesh domain; or ``network=``): a
   :class:`~dolfinx_pinn.solver.HybridSolver` with a two-scale network trained by output-layer
   projection and τ2 continuation.
 
@@ -179,10 +180,9 @@ def _basis_applies(problem: MultiscaleProblem) -> str | None:
         return "the coefficient has no period vector"
     if isinstance(problem.domain, MeshDomain):
         # 2D: Legendre slow functions on the bounding box, the holes' log and multipole
-        # functions (a polynomial basis cannot hold them on a multiply connected domain:
-        # without them rel. L² 0.2 on a plate with two Dirichlet holes, with them 1e-3),
-        # soft Dirichlet and Neumann rows. 1D needs no mesh; in 3D a cavity would need the 3D
-        # multipoles (1/r, ...).
+        # functions (a polynomial basis cannot hold them on a multiply connected domain), soft
+        # Dirichlet and Neumann rows. 1D needs no mesh; in 3D a cavity would need the 3D
+        # multipoles (1/r, ...), so 3D mesh domains stay with the hybrid method.
         if problem.dim != 2:
             return f"the mesh domain is {problem.dim}D (the basis serves 2D mesh domains)"
         return None
@@ -208,14 +208,9 @@ def configure(problem: MultiscaleProblem, **overrides: Any) -> SolveConfiguratio
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"solve: unknown settings {unknown}; allowed: {sorted(known)}")
-    from dolfinx_pinn.problems import Box
-
     seed = int(overrides.get("seed", 0))
     why_not = _basis_applies(problem)
-    # On a mesh domain the basis is there by request only: with Neumann data on a hole it
-    # measured no better than the hybrid (see _basis_applies).
-    automatic = why_not is None and isinstance(problem.domain, Box) and "network" not in overrides
-    method = overrides.get("method", "basis" if automatic else "hybrid")
+    method = overrides.get("method", "hybrid" if why_not or "network" in overrides else "basis")
     if method == "basis":
         if why_not is not None:
             raise ValueError(f"method: 'basis' cannot serve this problem: {why_not}")
