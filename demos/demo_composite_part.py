@@ -27,8 +27,9 @@
 # right, 3: holes, 4: the other edges and the notch), read by
 # ``dolfinx.io.gmsh.model_to_mesh``; :class:`dolfinx_pinn.MeshDomain` and the ``dirichlet=`` /
 # ``neumann=`` arguments of :class:`dolfinx_pinn.MultiscaleProblem` take them as they are, and
-# ``dolfinx_pinn.solve`` chooses the configuration (the hybrid method with a two-scale network
-# and a hard Dirichlet condition built from the mesh).
+# ``dolfinx_pinn.solve`` chooses the configuration (in 2D the two-scale basis: Legendre slow
+# functions times the cell correctors, with the log and multipole functions of each hole found
+# from the mesh's boundary loops, solved by least squares with soft Dirichlet and Neumann rows).
 #
 # The reference is a fine finite-element solve on the gmsh mesh refined by
 # ``dolfinx.mesh.refine`` until it resolves $\varepsilon$ (P3, 8 cells per finest period), and
@@ -36,7 +37,7 @@
 #
 # Everything goes to ``out_composite_part/``: ``metrics.json``, ``composite_part.png`` and the
 # fields (VTX when DOLFINx has ADIOS2, XDMF otherwise). ``--quick`` (or
-# ``DOLFINX_PINN_DEMO_QUICK=1``): $\varepsilon = 0.2$, a coarser mesh, a small network. In
+# ``DOLFINX_PINN_DEMO_QUICK=1``): $\varepsilon = 0.2$, a coarser mesh, a smaller basis. In
 # parallel: ``mpirun -n 2 python demos/demo_composite_part.py``.
 
 # +
@@ -62,7 +63,6 @@ import matplotlib.pyplot as plt
 import matplotlib.tri as mtri
 
 import dolfinx_pinn as dp
-from dolfinx_pinn.boundary_value import hard_boundary_network
 
 parser = argparse.ArgumentParser(description="a gmsh plate with holes and a notch")
 parser.add_argument("--quick", action="store_true", help="a smoke run")
@@ -174,17 +174,13 @@ log(f"reference: P{degree}, {reference_dofs} dofs, {reference_time:.1f} s")
 
 # ## ``dolfinx_pinn.solve``
 #
-# The default configuration; the quick run takes a smaller two-scale network.
+# The default configuration; the quick run takes lower slow degrees. (The hybrid method is
+# ``method="hybrid"``: on this plate it measured rel. L² 0.54 in 122 s, the basis 8.5e-2 in 6 s.)
 
 # +
 overrides: dict = {}
 if quick:
-    overrides = {
-        "network": lambda p: hard_boundary_network(
-            dp.TwoScaleNet.for_problem(p, k_max=3, width=16, wavevector_norm="l1", seed=0), p
-        ),
-        "n_interior": 3000,
-    }
+    overrides = {"basis": {"degrees": (12, 11, 10), "free_degrees": (6, 4), "hole_degree": 8}}
 t0 = time.perf_counter()
 solution = dp.solve(problem, reference=reference, device="cpu", **overrides)
 solve_time = time.perf_counter() - t0
