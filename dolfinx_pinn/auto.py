@@ -584,6 +584,8 @@ def _boundary_rows(
 
     Without boundary data every point is a Dirichlet point of the lifted problem (g = 0).
     """
+    from dolfinx_pinn.boundary_value import NeumannBlock
+
     data = problem.boundary
     if data is None or boundary is None:
         count = 0 if boundary is None else len(boundary)
@@ -597,14 +599,16 @@ def _boundary_rows(
     if int(comm.allreduce(int((~dirichlet).sum()), op=MPI.SUM)):
         at = np.ascontiguousarray(points[~dirichlet]).reshape(-1, problem.dim)
         at_t = torch.from_numpy(at)
-        conormals = torch.zeros_like(at_t)
-        flux = torch.zeros(len(at), dtype=torch.float64)
-        if len(at):  # the rows ∇v · (K n) = h, K n from the problem's one definition
-            normals = torch.from_numpy(problem.domain.boundary_normals(at).reshape(-1, problem.dim))
-            with torch.no_grad():
-                conormals = torch.einsum("nab,na->nb", problem.K_matrix(at_t), normals)
-            flux = torch.from_numpy(data.neumann_values(at, tags[~dirichlet]).reshape(-1))
-        neumann = (at_t, conormals, flux)
+        neumann = (at_t, torch.zeros_like(at_t), torch.zeros(len(at), dtype=torch.float64))
+        if len(at):  # the hybrid's Neumann rows ∇v · (K n) = h, whose conormal K n they reuse
+            block = NeumannBlock(
+                problem,
+                at_t,
+                torch.from_numpy(problem.domain.boundary_normals(at).reshape(-1, problem.dim)),
+                torch.from_numpy(data.neumann_values(at, tags[~dirichlet]).reshape(-1)),
+                weight=1.0,
+            )
+            neumann = (at_t, block.conormal, block.target)
     return torch.from_numpy(np.ascontiguousarray(points[dirichlet])), target, neumann, count
 
 
