@@ -55,6 +55,8 @@ import dolfinx.fem
 import dolfinx.mesh
 import numpy as np
 import numpy.typing as npt
+import scipy.sparse
+import scipy.sparse.csgraph
 import torch
 import ufl
 
@@ -542,19 +544,10 @@ class MeshDomain:
         keys = np.round(vertices.reshape(-1, 2) / scale * 1e9).astype(np.int64)
         _, ids = np.unique(keys, axis=0, return_inverse=True)
         ids = ids.reshape(-1, 2)
-        parent = np.arange(int(ids.max()) + 1)
-
-        def root(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
-        for a, b in ids:
-            ra, rb = root(int(a)), root(int(b))
-            if ra != rb:
-                parent[ra] = rb
-        loop = np.array([root(int(a)) for a in ids[:, 0]])
+        size = int(ids.max()) + 1
+        edges = scipy.sparse.coo_matrix((np.ones(len(ids)), (ids[:, 0], ids[:, 1])), (size, size))
+        _, component = scipy.sparse.csgraph.connected_components(edges, directed=False)
+        loop = component[ids[:, 0]]
         holes = []
         for value in np.unique(loop):
             segments = vertices[loop == value]
