@@ -70,6 +70,24 @@ stays usable, and free blocks of lower degree beside them keep what is not of th
 boundary-layer tails, the higher-order terms; tied features alone gave O(1) errors: for
 degree-30 functions with wavelengths near ε the expansion is not asymptotic).
 
+A fourth cause was the point set: tied to order 2, the residual of a tied feature is
+``O(ε D³φ)``, and for the Gaussian source of ``paper_2d`` (width 0.07) that part is as large
+near the source as what the free blocks of degree 24 and 18 can fit. The unfitted rest is
+sampled by the points, so the least squares moved a smooth bump onto the source that depended
+on the point set: at ε = 0.05 seeds 0 / 1 / 2 gave rel. L² 1.0e-3 / 1.7e-4 / 3.3e-4 (98 % of
+seed 0's error in the block averages over a period, i.e. smooth; 2 % within 2ε of the faces).
+Neither the conditioning (QR, ridge 1e-15 or 1e-11: the same figures) nor the sampling density
+(4x or 5x the points, or extra Chebyshev-distributed points: 4.8e-4 .. 9.7e-4 for seed 0)
+removed it; higher free degrees did in part ((28, 22): 5.2e-4). Tied to order 3
+(``φ + Σ_{|β|<=3} m_β ε^|β| N_β D^β φ``, residual ``O(ε² D⁴φ)``: tested), with no free
+order-3 features, the same 2 076 unknowns give 1.2e-4 / 1.2e-4 / 1.5e-4 for the three seeds;
+boundary layers for the order-2 traces too (``layer_order = 2``: 2 616 unknowns) 8.8e-5 /
+9.0e-5 (H¹ 5.0e-4, P3 references with 24 cells per period). What then remains is at the
+corners: at ε = 0.02, 79 % of the squared L² error lies within ε of the faces and 59 % in the
+four corner squares of side 3ε. Tangential functions ``exp(-μ|x_b - e|/ε)`` at the faces' ends
+as extra slow coefficients of the layers (192 more unknowns) took it from 2.8e-4 to 1.9e-4 at
+ε = 0.02 but did nothing at ε = 0.05 (H¹ slightly worse), so they are not in the ansatz.
+
 Every module follows the package's conventions: float64 by default, input ``(N, d)``, output
 ``(N,)``, ``jet(x, full_hessian, directions)`` returning ``(value, gradient, Laplacian or
 Hessian)``, the last ``nn.Linear`` (``output``) being the linear output layer. The boundary
@@ -333,8 +351,13 @@ class FourierCellProblem:
         Allaire & Amar, absorbed by the slow part), by least squares on the tangential Fourier
         coefficients of the traces.
 
+        The columns of α are then independent combinations of the keys' layers
+        (:func:`_independent_traces`): a trace that is a constant (or a combination of the
+        others) adds no column.
+
         Returns:
-            ``(lam, P, kappa, alpha (n, len(keys)), worst relative misfit of the traces)``.
+            ``(lam, P, kappa, alpha (n, k) with k <= len(keys), worst relative misfit of the
+            traces)``.
         """
         sign = 1 if side == 0 else -1
         lam, P, kappa_b = self.bloch_modes(axis, sign)
@@ -355,7 +378,7 @@ class FourierCellProblem:
         matrix = np.array([basis_trace[k] for k in labels])
         constant = np.array([[1.0 if all(v == 0 for v in k) else 0.0] for k in labels])
         matrix = np.hstack([matrix, constant])
-        alphas, misfits = [], []
+        alphas, misfits, datas = [], [], []
         for key in keys:
             data_trace = trace(self.modes, self.kappa, self.correctors[key])
             data = np.array([data_trace.get(k, 0.0) for k in labels])
@@ -363,7 +386,41 @@ class FourierCellProblem:
             norm = max(float(np.linalg.norm(data)), 1e-300)
             misfits.append(float(np.linalg.norm(matrix @ solution - data)) / norm)
             alphas.append(solution[:-1])
-        return lam, P, kappa_b, np.stack(alphas, axis=1), max(misfits, default=0.0)
+            datas.append(data[constant[:, 0] == 0.0])
+        alpha = np.stack(alphas, axis=1)
+        if len(keys):
+            alpha = alpha @ _independent_traces(np.stack(datas, axis=1))
+        return lam, P, kappa_b, alpha, max(misfits, default=0.0)
+
+
+# A layer is fixed by its trace, so layers whose traces (less their constant, which the slow
+# part takes) are nearly dependent are nearly dependent functions: their slow coefficients then
+# span directions the least squares cannot pin down, and the rounding of the products (which
+# depends on the split over the ranks) moves the solution along them. For paper_2d the traces
+# of N_1 and N_11 on a face x_1 = c are constants (K is a sum of functions of one variable):
+# with layers for the order-2 traces the 1- and 2-rank solutions of a small basis differed by
+# 5e-6 (values) before, 4e-11 after; the default basis keeps 2 436 of 2 616 unknowns, at the
+# same errors (paper_2d, ε = 0.05 and 0.02).
+LAYER_TRACE_TOLERANCE = 1e-3
+
+
+def _independent_traces(traces: np.ndarray, tolerance: float | None = None) -> np.ndarray:
+    """A real ``(K, k)`` map onto independent combinations of ``K`` traces (columns).
+
+    The columns (tangential Fourier coefficients, complex) are scaled to unit norm and the
+    right singular vectors of ``[Re; Im]`` whose singular values exceed ``tolerance`` times the
+    largest are kept, so the layers ``θ M`` span what the ``K`` layers span to that tolerance.
+    """
+    tolerance = LAYER_TRACE_TOLERANCE if tolerance is None else tolerance
+    norms = np.linalg.norm(traces, axis=0)
+    present = norms > 1e-12 * max(float(norms.max()), 1e-300)
+    scaled = np.zeros(traces.shape, dtype=traces.dtype)
+    scaled[:, present] = traces[:, present] / norms[present]
+    real = np.vstack([scaled.real, scaled.imag])
+    _, values, vh = np.linalg.svd(real, full_matrices=False)
+    keep = values > tolerance * max(float(values[0]) if len(values) else 0.0, 1e-300)
+    inverse = np.where(present, 1.0 / np.where(present, norms, 1.0), 0.0)
+    return inverse[:, None] * vh[keep].T
 
 
 # -- slow basis -------------------------------------------------------------------------------
@@ -930,8 +987,11 @@ def choose_config(problem: MultiscaleProblem, **overrides: Any) -> BasisConfig:
     * 2D/3D: order 2, degrees from the source's length scale ``ℓ = ‖q‖/‖∇q‖`` (about
       ``2.1 / ℓ`` for the mean part, within [24, 30] in 2D, 16 in 3D), boundary layers on;
       in 2D the correctors are tied to the order-0 part (``tied``) with free blocks of degrees
-      ``top - 6`` and ``top - 12`` beside them. Overriding ``degrees`` or ``order`` without
-      ``tied`` gives free blocks of those degrees (the untied ansatz).
+      ``top - 6`` and ``top - 12`` beside them, and on a box the tie goes to order 3 (no free
+      order-3 features) with layers for the order-1 and order-2 traces. Overriding
+      ``degrees`` or ``order`` without ``tied`` gives free blocks of those degrees (the untied
+      ansatz); the number of ``degrees`` given sets the order, and ``layer_order`` follows
+      the order down.
     """
     d = problem.dim
     config = BasisConfig()
@@ -956,6 +1016,14 @@ def choose_config(problem: MultiscaleProblem, **overrides: Any) -> BasisConfig:
             # 3.2e-4 with the same 2 076 unknowns and points).
             config.degrees = (top, top - 1, top - 2)
             config.tied, config.free_degrees = True, (max(6, top - 6), max(4, top - 12))
+            if isinstance(problem.domain, Box):
+                # Tied to order 3 (no free order-3 features: the unknowns of order 2) and
+                # layers for the order-2 traces too: the tied residual is O(ε² D⁴φ) instead
+                # of O(ε D³φ), and the point-dependent interior bump of order 2 is gone
+                # (measured in the module doc).
+                config.order, config.layer_order = 3, 2
+                config.degrees = (top, top - 1, top - 2, top - 3)
+                config.free_degrees = (*config.free_degrees, -1)
         else:
             # Tied correctors in 3D (degrees (16, 15, 14), free 10 and 6) measured 1.25e-2 /
             # 5.7e-2 on paper_3d(0.1) in 95 s against 1.53e-2 / 5.8e-2 in 73 s free: there the
@@ -981,6 +1049,10 @@ def choose_config(problem: MultiscaleProblem, **overrides: Any) -> BasisConfig:
     if ("degrees" in overrides or "order" in overrides) and "tied" not in overrides:
         # Degrees of the user's own are the free blocks they name.
         config.tied, config.free_degrees = False, ()
+    if "degrees" in overrides and "order" not in overrides:
+        config.order = len(config.degrees) - 1
+    if "layer_order" not in overrides:
+        config.layer_order = min(config.layer_order, max(config.order, 1))
     if len(config.degrees) < config.order + 1:
         raise ValueError(
             f"degrees must give one degree per order 0..{config.order}, got {config.degrees}"
@@ -1461,6 +1533,7 @@ class TwoScaleBasis(nn.Module):
             "hole_degree": self.config.hole_degree if self.config.holes else None,
             "boundary_layers": self.config.boundary_layers and self.dim >= 2,
             "layer_degree": self.config.layer_degree,
+            "layer_order": self.config.layer_order,
             "trace_misfit": self.trace_misfit,
             "reasons": dict(self.config.reasons),
         }

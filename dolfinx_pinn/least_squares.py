@@ -60,6 +60,20 @@ __all__ = [
 ]
 
 
+# The normal form reads the residual ‖Jc - r‖² off the products, cᵀ(JᵀJ)c - 2cᵀJᵀr + ‖r‖²,
+# whose cancellation error is about 1e-16 ‖r‖² times a few: above this fraction of ‖r‖² it still
+# has several correct digits (the verdict's thresholds are near 1e-6 ‖r‖²); below it a second
+# pass over the rows (seconds in 2D) computes it directly.
+SECOND_PASS_BELOW = 1e-11
+
+# The ridge of the normal equations (relative to the unit diagonal). The rounding of JᵀJ, which
+# depends on how the rows are split over the ranks, moves the solution along the directions
+# the ridge leaves nearly free: with 1e-13 the 2D basis (layers for the order-2 traces) gave
+# values on 1 and 2 ranks 4e-6 apart, with 1e-10 4e-9 (gradients 8e-5 and 2e-7), at the same
+# errors (paper_2d at ε = 0.1, 0.05, 0.02 within 5 %; 1e-9 began to cost accuracy).
+NORMAL_RIDGE = 1e-10
+
+
 def coefficient_data(
     problem: MultiscaleProblem, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -315,10 +329,11 @@ def solve_output_layer(
         form: ``"normal"`` or ``"qr"`` (see the module docstring).
         rows: ``"strong"`` (``A^ε Φ``) or ``"flux"`` (1D without Neumann data: ``K Φ'`` and the
             flux constant; see the module docstring).
-        ridge: Relative ridge on the unit-diagonal (Jacobi-scaled) system (default 1e-13 for
-            ``"normal"``; 1e-20 for ``"qr"``, whose regularising rows ``√ridge · I`` would
-            otherwise bias the last digits: measured on ``paper_1d(1e-3)``, ridge 1e-13 limits
-            the relative L² error to 4.5e-8, 1e-16 gives 3.8e-10).
+        ridge: Relative ridge on the unit-diagonal (Jacobi-scaled) system (default
+            :data:`NORMAL_RIDGE` for ``"normal"``; 1e-20 for ``"qr"``, whose regularising rows
+            ``√ridge · I`` would otherwise bias the last digits: measured on
+            ``paper_1d(1e-3)``, ridge 1e-13 limits the relative L² error to 4.5e-8, 1e-16
+            gives 3.8e-10).
         chunk_size: Points per chunk of rows (memory: ``chunk_size × n`` floats, a few times).
         allreduce: Sum of a tensor over the ranks (``"normal"``; identity by default).
         allgather: List of a tensor from every rank (``"qr"``; ``[tensor]`` by default).
@@ -341,7 +356,7 @@ def solve_output_layer(
             f"dim={problem.dim}{' with Neumann data' if problem.dim == 1 else ''}"
         )
     if ridge is None:
-        ridge = 1e-13 if form == "normal" else 1e-20
+        ridge = NORMAL_RIDGE if form == "normal" else 1e-20
     if not (math.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
@@ -491,7 +506,8 @@ def solve_output_layer(
                 for i, kind in enumerate(("pde", "bc"))
             ]
         )
-        if float(sums.sum()) < 1e-8 * float(rhs_norms.sum()) or bool(torch.any(sums < 0)):
+        below = SECOND_PASS_BELOW * float(rhs_norms.sum())
+        if float(sums.sum()) < below or bool(torch.any(sums < 0)):
             sums = None
     if sums is None:
         # A second pass over the rows: exact for either form (the QR form needs its digits).

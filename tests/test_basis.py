@@ -17,6 +17,7 @@ from dolfinx_pinn.basis import (
     FourierCellProblem,
     LegendreSlowBasis,
     TwoScaleBasis,
+    _independent_traces,
     choose_config,
     total_degree_indices,
 )
@@ -311,6 +312,27 @@ def test_fourier_cell_problem():
         del phase
 
 
+def test_layers_of_dependent_traces_are_dropped():
+    """Constant or repeated traces add no layer column; the rest keep their span."""
+    rng = np.random.default_rng(4)
+    traces = rng.standard_normal((12, 3)) + 1j * rng.standard_normal((12, 3))
+    dependent = np.hstack(
+        [traces, np.zeros((12, 1)), 2.0 * traces[:, :1] - 1e-6 * traces[:, 1:2], 1e-9 * traces]
+    )
+    mix = _independent_traces(dependent)
+    assert mix.shape == (8, 3) and np.isrealobj(mix)
+    combined = dependent @ mix
+    # the kept combinations span the independent traces: each is reproduced from them
+    coefficients, *_ = np.linalg.lstsq(combined, traces, rcond=None)
+    assert np.abs(combined @ coefficients - traces).max() < 1e-12
+    assert np.linalg.cond(combined) < 10
+    # paper_2d: N_1 and N_11 have constant traces on the faces x_1 = c (K = a(y_1) + b(y_2))
+    net = small_2d(paper_2d(0.05), layer_order=2)
+    keys = 5  # (0,), (1,), (0, 0), (0, 1), (1, 1)
+    layers = [f.size for f in net.fast[1:]]
+    assert all(size < keys for size in layers) and net.trace_misfit < 1e-8
+
+
 def test_for_problem_choices():
     one = TwoScaleBasis.for_problem(paper_1d(1e-3))
     assert one.config.order >= 4 and not one.describe()["boundary_layers"]
@@ -473,13 +495,18 @@ def test_tied_features_consistent():
     assert torch.allclose(net.value_rows(x), features, rtol=0, atol=1e-13)
 
 
-def test_tied_residual_is_order_eps():
-    """A tied feature is the truncated expansion: its residual is -a⁰:∇²φ + O(ε)."""
+@pytest.mark.parametrize("order", [2, 3])
+def test_tied_residual_is_order_eps(order):
+    """A tied feature is the truncated expansion: its residual is -a⁰:∇²φ + O(ε^(order-1))."""
     errors = []
     for eps in (0.04, 0.02, 0.01):
         problem = paper_2d(eps)
         net = TwoScaleBasis.for_problem(
-            problem, tied=True, degrees=(8, 7, 6), free_degrees=(-1, -1), boundary_layers=False
+            problem,
+            tied=True,
+            degrees=(8, 7, 6, 5)[: order + 1],
+            free_degrees=(-1,) * order,
+            boundary_layers=False,
         )
         generator = torch.Generator().manual_seed(1)
         x = 0.2 + 0.6 * torch.rand(4000, 2, dtype=torch.float64, generator=generator)
@@ -493,17 +520,21 @@ def test_tied_residual_is_order_eps():
         difference = (rows[:, columns] - homogenised[:, columns]).pow(2).mean(0).sqrt()
         errors.append(float((difference / homogenised[:, columns].pow(2).mean(0).sqrt()).max()))
     assert errors[0] < 0.1
-    # Halving ε halves the residual (first order), which no free-block sum of the same
-    # functions does: their residual is O(1/ε²) unless the blocks are tied.
+    # Halving ε halves the residual (order 2) or quarters it (order 3), which no free-block sum
+    # of the same functions does: their residual is O(1/ε²) unless the blocks are tied.
     for coarse, fine in itertools.pairwise(errors):
-        assert 1.6 < coarse / fine < 2.5, errors
+        assert 0.8 * 2 ** (order - 1) < coarse / fine < 1.25 * 2 ** (order - 1), errors
 
 
 def test_tied_default_and_overrides():
     config = choose_config(paper_2d(0.05))
-    assert config.tied and config.degrees == (30, 29, 28) and config.free_degrees == (24, 18)
-    # Degrees of one's own are free blocks unless tied is asked for too.
-    assert not choose_config(paper_2d(0.05), degrees=(6, 4, 3)).tied
+    assert config.tied and config.order == 3 and config.layer_order == 2
+    assert config.degrees == (30, 29, 28, 27) and config.free_degrees == (24, 18, -1)
+    # Degrees of one's own are free blocks unless tied is asked for too; their number sets the
+    # order, and the layers follow it down.
+    own = choose_config(paper_2d(0.05), degrees=(6, 4, 3))
+    assert not own.tied and own.order == 2 and own.layer_order == 2
+    assert choose_config(paper_2d(0.05), degrees=(6, 4)).layer_order == 1
     with pytest.raises(ValueError, match="degrees: with tied"):
         choose_config(paper_2d(0.05), degrees=(6, 4, 3), tied=True, free_degrees=(2, 1))
     with pytest.raises(ValueError, match="free_degrees"):

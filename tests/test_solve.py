@@ -242,10 +242,11 @@ def test_paper_2d_ranks_agree():
     assert serial.metrics["n_layer_points"] > 0
     x = np.random.default_rng(1).random((500, 2))
     scale = np.abs(serial.value(x)).max()
-    assert np.abs(serial.value(x) - parallel.value(x)).max() < 1e-8 * scale
+    # measured 4e-11 and 2e-10 on 2 ranks (with nearly dependent layers: 5e-6 and 5e-5)
+    assert np.abs(serial.value(x) - parallel.value(x)).max() < 1e-9 * scale
     assert (
         np.abs(serial.gradient(x) - parallel.gradient(x)).max()
-        < 1e-7 * np.abs(serial.gradient(x)).max()
+        < 1e-8 * np.abs(serial.gradient(x)).max()
     )
 
 
