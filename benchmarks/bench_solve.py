@@ -64,11 +64,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         reference_note = "exact_1d"
     else:
         fine, coarse = int(spec["cells_per_period"]), int(spec["cells_per_period"]) // 2
-        reference = _p3_reference(dp, problem, fine)
+        reference = p3_reference(dp, problem, fine)
         reference_note = f"P3, {fine} cells per finest period"
         # The reference's own error, estimated: the same solve with half the cells against it
         # (P3: that one's error is about 8x (H¹) and 16x (L²) the finer one's).
-        l2, h1 = dp.relative_errors(_p3_reference(dp, problem, coarse), reference)
+        l2, h1 = dp.relative_errors(p3_reference(dp, problem, coarse), reference)
         reference_error = {"cells_per_period": coarse, "rel_l2": l2, "rel_h1": h1}
     reference_seconds = time.perf_counter() - started
     errors = dp.solve(problem, reference=reference).metrics
@@ -92,7 +92,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _p3_reference(dp: Any, problem: Any, cells_per_period: int) -> Any:
+def p3_reference(dp: Any, problem: Any, cells_per_period: int, comm: Any = None) -> Any:
     """P3 with ``cells_per_period`` cells per finest period: MUMPS while it fits, else CG + GAMG."""
     from dolfinx_pinn.reference import default_fine_resolution
 
@@ -101,7 +101,10 @@ def _p3_reference(dp: Any, problem: Any, cells_per_period: int) -> Any:
     for count in cells:
         dofs *= 3 * count + 1
     solver = "mumps" if dofs <= 1_500_000 else "gamg"
-    return dp.solve_fine(problem, degree=3, elements_per_period=cells_per_period, solver=solver)
+    options = {} if comm is None else {"comm": comm}
+    return dp.solve_fine(
+        problem, degree=3, elements_per_period=cells_per_period, solver=solver, **options
+    )
 
 
 def run_worker(script: Path, spec: dict[str, Any], folder: Path) -> dict[str, Any]:

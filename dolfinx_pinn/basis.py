@@ -1024,6 +1024,7 @@ def choose_config(problem: MultiscaleProblem, **overrides: Any) -> BasisConfig:
                 config.order, config.layer_order = 3, 2
                 config.degrees = (top, top - 1, top - 2, top - 3)
                 config.free_degrees = (*config.free_degrees, -1)
+                config.reasons["order"] = "2D box: tied to order 3, layers for the order-2 traces"
         else:
             # Tied correctors in 3D (degrees (16, 15, 14), free 10 and 6) measured 1.25e-2 /
             # 5.7e-2 on paper_3d(0.1) in 95 s against 1.53e-2 / 5.8e-2 in 73 s free: there the
