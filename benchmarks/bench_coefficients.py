@@ -97,7 +97,7 @@ def benchmark(quick: bool = False) -> dict[str, Any]:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name, settings in cases:
-            spec = {"name": name, "settings": settings, "cells_per_period": 6 if quick else 12}
+            spec = {"name": name, "settings": settings, "cells_per_period": 6 if quick else 24}
             row = run_worker(Path(__file__), spec, Path(folder))
             target = TARGETS[row["dim"]]
             row["target_met"] = (

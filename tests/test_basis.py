@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dolfinx_pinn.basis import (
+    LAYER_TAIL_TOLERANCE,
     FourierCellProblem,
     LegendreSlowBasis,
     TwoScaleBasis,
@@ -21,6 +22,7 @@ from dolfinx_pinn.basis import (
     choose_config,
     total_degree_indices,
 )
+from dolfinx_pinn.catalogue import inclusion_2d
 from dolfinx_pinn.homogenization import cell_problem_from
 from dolfinx_pinn.least_squares import (
     boundary_rows,
@@ -312,6 +314,39 @@ def test_fourier_cell_problem():
         del phase
 
 
+def test_layer_truncation_from_the_tail():
+    """The layers' Bloch truncation grows until their strong residual is small (inclusion)."""
+    problem = inclusion_2d(0.05)
+    cell = FourierCellProblem(problem, 12, 2)
+    keys = cell.keys(2)
+
+    def layer_residual(k_max):
+        lam, P, kappa, alpha, _, tail = cell.boundary_layer(0, 0, 0.0, keys, k_max)
+        y = np.random.default_rng(1).random((60, 2)) * [0.5, 1.0]
+
+        def theta(yy):  # the layers of the face x_1 = 0 at the fast variable yy
+            modes = np.exp(-np.outer(yy[:, 0], lam)) * (np.exp(1j * yy @ kappa.T) @ P)
+            return (modes @ alpha).real
+
+        h, flux = 1e-4, 0.0
+        for j in range(2):
+            e = np.eye(2)[j] * h / 2
+            inner = [(theta(y + s * e + e) - theta(y + s * e - e)) / h for s in (1, -1)]
+            a = [problem.K(problem.eps * (y + s * e))[:, None] for s in (1, -1)]
+            flux = flux + (a[0] * inner[0] - a[1] * inner[1]) / h
+        # relative to the size of a second derivative of the layer
+        scale = np.abs(theta(y)).max(axis=0) * np.abs(lam[0]) ** 2
+        return float((np.abs(flux) / scale).max()), tail, int(np.abs(kappa).max() / (2 * math.pi))
+
+    coarse, coarse_tail, _ = layer_residual(6)
+    chosen = cell.boundary_layer(0, 0, 0.0, keys)
+    fine, fine_tail, k_max = layer_residual(None)
+    assert coarse_tail > LAYER_TAIL_TOLERANCE > fine_tail == chosen[-1]
+    assert k_max > 6 and fine < 0.2 * coarse, (coarse, fine)
+    with pytest.raises(ValueError, match="layer_k_max"):
+        cell.boundary_layer(0, 0, 0.0, keys, 0)
+
+
 def test_layers_of_dependent_traces_are_dropped():
     """Constant or repeated traces add no layer column; the rest keep their span."""
     rng = np.random.default_rng(4)
@@ -529,7 +564,7 @@ def test_tied_residual_is_order_eps(order):
 def test_tied_default_and_overrides():
     config = choose_config(paper_2d(0.05))
     assert config.tied and config.order == 3 and config.layer_order == 2
-    assert config.degrees == (30, 29, 28, 27) and config.free_degrees == (24, 18, -1)
+    assert config.degrees == (30, 29, 28, 27) and config.free_degrees == (28, 24, -1)
     # Degrees of one's own are free blocks unless tied is asked for too; their number sets the
     # order, and the layers follow it down.
     own = choose_config(paper_2d(0.05), degrees=(6, 4, 3))
