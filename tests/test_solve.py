@@ -207,8 +207,8 @@ def test_paper_2d_errors_against_p3():
     References: P3 with 8 (ε = 0.1) and 6 (ε = 0.02) cells per finest period, errors by
     quasi-Monte Carlo on 2^15 points (the two-scale error equidistributes on them, see
     ``dolfinx_pinn.errors``); their own H¹ error is a few 1e-3, so the bounds are on the sum
-    (measured here: L² 1.3e-4 / 2.9e-4, H¹ 4.0e-3 / 6.8e-3). Against P3 with 24 cells per
-    period the benchmark measured L² 4.0e-5 / 2.7e-4 and H¹ 2.8e-4 / 2.2e-3: the error still
+    (measured here: L² 1.3e-4 / 2.2e-4, H¹ 4.0e-3 / 6.6e-3). Against P3 with 24 cells per
+    period the benchmark measured L² 8.2e-6 / 2.05e-4 and H¹ 2.1e-4 / 1.44e-3: the error still
     grows as ε falls, at the corners (issue 12 asks for a factor 2 between the two; that is
     missed), the bounds hold the present level.
     """
