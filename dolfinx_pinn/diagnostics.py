@@ -194,6 +194,7 @@ def indicators(
     homogenized: float | None = None,
     count: int = 8192,
     seed: int = 20261201,
+    residual_network: nn.Module | None = None,
 ) -> dict[str, float]:
     """The a posteriori indicators of a network (see the module doc; collective on ``comm``).
 
@@ -207,8 +208,13 @@ def indicators(
         homogenized: a⁰_ii (default :func:`homogenized_entry` for a periodic problem).
         count: Fresh residual points over all ranks.
         seed: Their seed (not the collocation points' seed).
+        residual_network: The network whose PDE residual is measured, when it is not
+            ``network`` (a :class:`~dolfinx_pinn.corners.PatchedNetwork`'s patches are finite
+            elements, whose strong residual is not the solve's: the residual is its network's,
+            the boundary values the patched solution's).
     """
-    local = _residual_norms(network, problem, _fresh_points(problem, count, seed, comm))
+    measured = network if residual_network is None else residual_network
+    local = _residual_norms(measured, problem, _fresh_points(problem, count, seed, comm))
     residual_sum, rhs_sum = comm.allreduce(np.asarray(local), MPI.SUM)
     values = {
         "pde_residual": math.sqrt(residual_sum / rhs_sum)

@@ -229,10 +229,11 @@ def pointwise_reference(uh: Any) -> tuple[Any, Any]:
 
     def value(points: np.ndarray) -> np.ndarray:
         padded, cells = located(points)
-        return uh.eval(padded, cells)[:, 0]
+        # eval squeezes a single point's row away
+        return np.asarray(uh.eval(padded, cells)).reshape(len(padded), -1)[:, 0]
 
     def grad(points: np.ndarray) -> np.ndarray:
         padded, cells = located(points)
-        return gradient.eval(padded, cells)
+        return np.asarray(gradient.eval(padded, cells)).reshape(len(padded), dim)
 
     return value, grad

@@ -1,0 +1,246 @@
+"""Corner patches: local fine solves where two faces of a 2D box meet.
+
+The boundary-layer correctors of :class:`~dolfinx_pinn.basis.TwoScaleBasis` cancel the
+correctors' fast trace on each face of the box, but each face's layer leaves a trace of its own
+on the adjacent faces, ``exp(-Re λ t/ε)`` times a periodic function of the distance t to the
+corner. No tangential polynomial of the other faces' layers holds that, so within a few ε of
+each corner the Dirichlet condition is missed by O(ε) of the solution (on ``paper_2d(0.02)``
+half of the squared L² error and four fifths of the H¹ error lay in the corner squares of side
+3ε). The exact remedy is a corner-layer corrector, a solution of the cell operator in the
+quarter-plane with the faces' traces as data; it has no closed form.
+
+:class:`CornerPatches` computes it numerically instead: near each corner the solution is
+replaced by the finite-element solution of the fine problem on a square patch of a few periods,
+with the problem's data on the box's faces and the network's values as Dirichlet data on the
+patch's inner sides (one overlapping Schwarz step, the network being the outer solve). The
+network's error on the inner sides is what remains inside (maximum principle), and it is small
+there: a patch of side ``periods`` times the longest period reaches beyond the corner layers.
+Side, mesh size (``cells_per_period`` cells per shortest period) and degree are fixed in units
+of ε, so the cost of the patches does not depend on ε; the side is capped at ``max_fraction``
+of the box's shortest side so that the patches never overlap.
+
+:class:`PatchedNetwork` is the delivered solution: the network outside the patches, the
+patches' solutions inside, with first derivatives (values and gradients, also through
+autograd); second derivatives inside the patches are not those of a smooth function, so the
+PDE residual of a patched solve is the network's.
+
+MPI: the patch meshes live on ``MPI.COMM_SELF``; rank r solves the patches ``r, r + size, ...``
+and the others receive their dof values, so every rank holds the same patches and evaluation
+is local.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from mpi4py import MPI
+
+import numpy as np
+import torch
+import ufl
+from dolfinx import fem
+from dolfinx import mesh as dmesh
+from torch import nn
+
+from dolfinx_pinn.errors import pointwise_reference
+from dolfinx_pinn.ksp import DIRECT, solve_linear
+from dolfinx_pinn.problems import Box, MultiscaleProblem
+
+__all__ = ["CornerPatches", "PatchedNetwork"]
+
+
+class CornerPatches:
+    """Fine finite-element solves on square patches at the four corners of a 2D box.
+
+    Args:
+        problem: The lifted problem (4.8) on a 2D box with a period vector.
+        values: The network's values at points ``(N, 2)`` -> ``(N,)`` (the Dirichlet data on
+            the patches' inner sides).
+        periods: The patch side in units of ``ε`` times the longest period (> 0).
+        cells_per_period: Cells per shortest period ``ε min p_j`` along each side (>= 2).
+        degree: Lagrange degree of the patches (>= 1).
+        max_fraction: The largest side as a fraction of the box's shortest side (in (0, 0.5]).
+        comm: The communicator the patches are shared over (collective on it).
+
+    Raises:
+        ValueError: naming the argument out of range, or a problem the patches cannot serve.
+    """
+
+    def __init__(
+        self,
+        problem: MultiscaleProblem,
+        values: Callable[[np.ndarray], np.ndarray],
+        *,
+        periods: float,
+        cells_per_period: int = 8,
+        degree: int = 3,
+        max_fraction: float = 0.25,
+        comm: MPI.Comm = MPI.COMM_WORLD,
+    ) -> None:
+        if problem.dim != 2 or not isinstance(problem.domain, Box):
+            raise ValueError(f"problem: corner patches need a 2D box, got {problem.name!r}")
+        if problem.period is None:
+            raise ValueError(f"problem {problem.name!r}: corner patches need a period vector")
+        if problem.boundary is not None:
+            raise ValueError("problem: corner patches serve the lifted problem (4.8) only")
+        if not (isinstance(periods, (int, float)) and math.isfinite(periods) and periods > 0):
+            raise ValueError(f"periods must be a finite number > 0, got {periods!r}")
+        if not (isinstance(cells_per_period, int) and cells_per_period >= 2):
+            raise ValueError(f"cells_per_period must be an integer >= 2, got {cells_per_period!r}")
+        if not (isinstance(degree, int) and degree >= 1):
+            raise ValueError(f"degree must be an integer >= 1, got {degree!r}")
+        if not (isinstance(max_fraction, (int, float)) and 0 < max_fraction <= 0.5):
+            raise ValueError(f"max_fraction must be in (0, 0.5], got {max_fraction!r}")
+        domain = problem.domain
+        period = np.asarray(problem.period, dtype=np.float64) * problem.eps
+        lower, upper = np.asarray(domain.lower, float), np.asarray(domain.upper, float)
+        self.side = float(min(periods * period.max(), max_fraction * (upper - lower).min()))
+        self.cells = max(1, math.ceil(self.side * cells_per_period / period.min()))
+        self.degree = degree
+        self.boxes: list[tuple[np.ndarray, np.ndarray]] = []
+        self.functions: list[fem.Function] = []
+        for corner in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            low = np.where(np.asarray(corner) == 0, lower, upper - self.side)
+            self.boxes.append((low, low + self.side))
+            self.functions.append(self._space(low))
+        for index, function in enumerate(self.functions):
+            owner = index % comm.size
+            if comm.rank == owner:
+                self._solve(problem, function, values)
+            if comm.size > 1:
+                function.x.array[:] = comm.bcast(
+                    function.x.array if comm.rank == owner else None, root=owner
+                )
+        self._evaluators = [pointwise_reference(function) for function in self.functions]
+
+    def _space(self, low: np.ndarray) -> fem.Function:
+        mesh = dmesh.create_rectangle(
+            MPI.COMM_SELF, [low, low + self.side], [self.cells, self.cells]
+        )
+        return fem.Function(fem.functionspace(mesh, ("Lagrange", self.degree)))
+
+    def _solve(
+        self,
+        problem: MultiscaleProblem,
+        solution: fem.Function,
+        values: Callable[[np.ndarray], np.ndarray],
+    ) -> None:
+        space = solution.function_space
+        mesh = space.mesh
+        u, v = ufl.TrialFunction(space), ufl.TestFunction(space)
+        x = ufl.SpatialCoordinate(mesh)
+        dx = ufl.Measure("dx", domain=mesh, metadata={"quadrature_degree": 2 * self.degree + 2})
+        a = ufl.inner(problem.K_matrix(x) * ufl.grad(u), ufl.grad(v)) * dx
+        L = problem.q(x) * v * dx - ufl.inner(problem.flux_lifting(x), ufl.grad(v)) * dx
+        mesh.topology.create_connectivity(1, 2)
+        dofs = fem.locate_dofs_topological(space, 1, dmesh.exterior_facet_indices(mesh.topology))
+        at = space.tabulate_dof_coordinates()[dofs, :2]
+        domain = problem.domain
+        on_faces = np.any(
+            np.isclose(at, domain.lower, rtol=0, atol=1e-12 * self.side)
+            | np.isclose(at, domain.upper, rtol=0, atol=1e-12 * self.side),
+            axis=1,
+        )
+        data = fem.Function(space)
+        inner = dofs[~on_faces]
+        data.x.array[inner] = np.asarray(values(np.ascontiguousarray(at[~on_faces]))).reshape(-1)
+        bc = fem.dirichletbc(data, dofs)
+        solve_linear(a, L, [bc], "corner_patch", None, DIRECT, solution=solution)
+
+    def contains(self, points: np.ndarray) -> np.ndarray:
+        """The index of the patch holding each point ``(N, 2)``, -1 outside every patch."""
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        index = np.full(len(points), -1)
+        for k, (low, high) in enumerate(self.boxes):
+            inside = np.all((points >= low) & (points <= high), axis=1)
+            index[inside & (index < 0)] = k
+        return index
+
+    def value_and_gradient(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(mask, u (M,), ∇u (M, 2))`` of the points ``(N, 2)`` inside a patch (``mask``)."""
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        index = self.contains(points)
+        mask = index >= 0
+        value = np.zeros(int(mask.sum()))
+        gradient = np.zeros((int(mask.sum()), 2))
+        where = index[mask]
+        inside = points[mask]
+        for k, (u, grad) in enumerate(self._evaluators):
+            chosen = where == k
+            if np.any(chosen):
+                value[chosen] = u(inside[chosen])
+                gradient[chosen] = grad(inside[chosen])
+        return mask, value, gradient
+
+    def describe(self) -> dict[str, Any]:
+        """The patches' size for reports."""
+        return {
+            "side": self.side,
+            "cells": self.cells,
+            "degree": self.degree,
+            "dofs_per_patch": int(self.functions[0].function_space.dofmap.index_map.size_local),
+        }
+
+
+class _PatchValues(torch.autograd.Function):
+    """The patches' values with their gradients as the backward (first derivatives only)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, value: torch.Tensor, gradient: torch.Tensor) -> Any:
+        ctx.save_for_backward(gradient)
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> Any:
+        (gradient,) = ctx.saved_tensors
+        return upstream[:, None] * gradient, None, None
+
+
+class PatchedNetwork(nn.Module):
+    """A network with :class:`CornerPatches` in place of its values near the corners.
+
+    Args:
+        network: The solution network (points ``(N, 2)`` -> ``(N,)``).
+        patches: The corner patches.
+    """
+
+    prefers_jet = False
+
+    def __init__(self, network: nn.Module, patches: CornerPatches) -> None:
+        super().__init__()
+        self.network = network
+        self.patches = patches
+
+    def _patched(
+        self, x: torch.Tensor, value: torch.Tensor, gradient: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mask, v, g = self.patches.value_and_gradient(x.detach().cpu().numpy())
+        if not mask.any():
+            return value, gradient
+        index = torch.as_tensor(np.nonzero(mask)[0], device=x.device)
+        kw = {"dtype": value.dtype, "device": value.device}
+        v_t, g_t = torch.as_tensor(v, **kw), torch.as_tensor(g, **kw)
+        inside = _PatchValues.apply(x[index], v_t, g_t)
+        value = value.index_put((index,), inside)
+        if gradient is not None:
+            gradient = gradient.index_put((index,), g_t)
+        return value, gradient
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Values ``(N,)`` at points ``(N, 2)``."""
+        return self._patched(x, self.network(x).reshape(-1))[0]
+
+    def value_and_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``u (N,)`` and ``∇u (N, 2)``."""
+        if hasattr(self.network, "value_and_gradient"):
+            value, gradient = self.network.value_and_gradient(x)
+        else:
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                value = self.network(x).reshape(-1)
+                (gradient,) = torch.autograd.grad(value.sum(), x)
+        value, gradient = self._patched(x.detach(), value.detach(), gradient.detach())
+        assert gradient is not None
+        return value, gradient
