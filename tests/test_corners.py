@@ -26,7 +26,9 @@ def test_patch_is_the_fine_solution_restricted():
         problem, n=80, degree=3, comm=MPI.COMM_SELF, quadrature_degree=8, solver="mumps"
     )
     value, gradient = pointwise_reference(fine)
-    patches = CornerPatches(problem, value, periods=4.0, cells_per_period=8, degree=3, comm=COMM)
+    patches = CornerPatches(
+        problem, value, periods=4.0, dofs=3721, min_cells_per_period=8, degree=3, comm=COMM
+    )
     assert patches.side == pytest.approx(0.25) and patches.cells == 20
     x = np.random.default_rng(3).random((4000, 2))
     mask, u, du = patches.value_and_gradient(x)
@@ -54,7 +56,9 @@ def test_patched_network_values_and_autograd():
         with torch.no_grad():
             return network(torch.from_numpy(points)).reshape(-1).numpy()
 
-    patches = CornerPatches(problem, values, periods=1.0, cells_per_period=4, comm=COMM)
+    patches = CornerPatches(
+        problem, values, periods=1.0, dofs=400, min_cells_per_period=4, comm=COMM
+    )
     patched = PatchedNetwork(network, patches)
     x = torch.from_numpy(np.random.default_rng(4).random((600, 2))).requires_grad_(True)
     v = patched(x)
@@ -73,8 +77,8 @@ def test_bad_settings_are_named():
     problem = dp.paper_2d(0.1)
     with pytest.raises(ValueError, match="periods"):
         CornerPatches(problem, lambda p: np.zeros(len(p)), periods=0.0)
-    with pytest.raises(ValueError, match="cells_per_period"):
-        CornerPatches(problem, lambda p: np.zeros(len(p)), periods=1.0, cells_per_period=1)
+    with pytest.raises(ValueError, match="dofs"):
+        CornerPatches(problem, lambda p: np.zeros(len(p)), periods=1.0, dofs=10)
     with pytest.raises(ValueError, match="2D box"):
         CornerPatches(dp.paper_1d(0.1), lambda p: np.zeros(len(p)), periods=1.0)
     with pytest.raises(ValueError, match="corner_patches"):
@@ -92,7 +96,8 @@ def test_solve_reports_the_patches():
         patched = dp.solve(problem, **settings)
     assert plain.metrics["corner_patches"] is None
     described = patched.metrics["corner_patches"]
-    assert described["side"] == pytest.approx(0.25) and described["degree"] == 3
+    assert described["side"] == pytest.approx(0.25) and described["degree"] == 4
+    assert described["cells"] == 50 and described["dofs_per_patch"] == 201**2
     plain_ind, patched_ind = plain.metrics["indicators"], patched.metrics["indicators"]
     assert patched_ind["pde_residual"] == pytest.approx(plain_ind["pde_residual"], rel=1e-12)
     assert patched_ind["boundary_residual"] < plain_ind["boundary_residual"]
