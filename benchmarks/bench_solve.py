@@ -74,6 +74,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "dim": dim,
         "eps": eps,
         "seconds": statistics.median(times),
+        "corner_patches_seconds": solution.metrics["timings"].get("corner_patches", 0.0),
         "rel_l2": errors["rel_l2"],
         "rel_h1": errors["rel_h1"],
         "converged": errors["converged"],
