@@ -10,6 +10,8 @@ method and its settings:
   (:func:`~dolfinx_pinn.least_squares.solve_output_layer`: analytic rows in chunks, QR in 1D,
   normal equations in 2D/3D). This is the τ2 → 0 limit of the hybrid continuation, reached in
   one linear solve; K̃ is then (4.10) of that network and the coarse problem is solved with it.
+  On a 2D box the solution near each corner, where the face layers meet, is then a local fine
+  finite-element solve of a few periods (:mod:`~dolfinx_pinn.corners`, ``corner_patches``).
   Also on a 2D mesh domain (periodic coefficient, any boundary data): no face layers, the
   holes' functions (:class:`~dolfinx_pinn.basis.HoleFunctions`) beside the Legendre ones, soft
   Dirichlet rows ``v = g`` and Neumann rows ``(K ∇v)·n = h``.
