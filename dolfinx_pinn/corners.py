@@ -4,9 +4,8 @@ The boundary-layer correctors of :class:`~dolfinx_pinn.basis.TwoScaleBasis` canc
 correctors' fast trace on each face of the box, but each face's layer leaves a trace of its own
 on the adjacent faces, ``exp(-Re λ t/ε)`` times a periodic function of the distance t to the
 corner. No tangential polynomial of the other faces' layers holds that, so within a few ε of
-each corner the Dirichlet condition is missed by O(ε) of the solution (on ``paper_2d(0.02)``
-half of the squared L² error and four fifths of the H¹ error lay in the corner squares of side
-3ε). The exact remedy is a corner-layer corrector, a solution of the cell operator in the
+each corner the Dirichlet condition is missed by O(ε) of the solution (the README has the
+measurements). The exact remedy is a corner-layer corrector, a solution of the cell operator in the
 quarter-plane with the faces' traces as data; it has no closed form.
 
 :class:`CornerPatches` computes it numerically instead: near each corner the solution is
@@ -61,9 +60,10 @@ class CornerPatches:
         values: The network's values at points ``(N, 2)`` -> ``(N,)`` (the Dirichlet data on
             the patches' inner sides).
         periods: The patch side in units of ``ε`` times the longest period (> 0).
-        dofs: The number of dofs per patch the mesh is chosen for (>= 100).
-        min_cells_per_period: The fewest cells per shortest period ``ε min p_j`` (>= 1; more
-            cells than ``dofs`` gives where the budget falls short of this).
+        dofs: About the number of dofs per patch: ``⌊√dofs⌋ // degree`` cells per side
+            (>= 100).
+        min_cells_per_period: The fewest cells per shortest period ``ε min p_j`` (>= 1): where
+            the budget would give fewer, the side is shortened.
         degree: Lagrange degree of the patches (>= 1).
         max_fraction: The largest side as a fraction of the box's shortest side (in (0, 0.5]).
         comm: The communicator the patches are shared over (collective on it).
@@ -105,10 +105,16 @@ class CornerPatches:
         domain = problem.domain
         period = np.asarray(problem.period, dtype=np.float64) * problem.eps
         lower, upper = np.asarray(domain.lower, float), np.asarray(domain.upper, float)
-        self.side = float(min(periods * period.max(), max_fraction * (upper - lower).min()))
-        self.cells = max(
-            int(math.sqrt(dofs)) // degree,
-            math.ceil(self.side * min_cells_per_period / period.min()),
+        self.cells = max(1, int(math.sqrt(dofs)) // degree)
+        # The side: ``periods`` longest periods, no more than the box allows, and no more than
+        # the budget resolves with min_cells_per_period (a strongly anisotropic period vector
+        # gets fewer of its long periods rather than a mesh that grows with their ratio).
+        self.side = float(
+            min(
+                periods * period.max(),
+                max_fraction * (upper - lower).min(),
+                self.cells * period.min() / min_cells_per_period,
+            )
         )
         self.cells_per_period = float(self.cells * period.min() / self.side)
         self.ramp = float(min(self.side, period.max()))
