@@ -563,7 +563,7 @@ def test_tied_residual_is_order_eps(order):
 def test_tied_default_and_overrides():
     config = choose_config(paper_2d(0.05))
     assert config.tied and config.order == 3 and config.layer_order == 2
-    assert config.degrees == (30, 29, 28, 27) and config.free_degrees == (28, 24, -1)
+    assert config.degrees == (32, 31, 30, 29) and config.free_degrees == (30, 26, -1)
     # Degrees of one's own are free blocks unless tied is asked for too; their number sets the
     # order, and the layers follow it down.
     own = choose_config(paper_2d(0.05), degrees=(6, 4, 3))
