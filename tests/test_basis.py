@@ -380,7 +380,7 @@ def test_for_problem_choices():
     )
     assert TwoScaleBasis.for_problem(contrast).num_harmonics > 2 * one.num_harmonics
     config = choose_config(paper_2d(0.05))
-    assert config.boundary_layers and config.degrees[0] == 30  # source width ~0.07
+    assert config.boundary_layers and config.degrees[0] == 32  # source width ~0.07
     # A smooth source gets the floor (the slow coefficients carry more than the source).
     assert choose_config(product_2d(0.05)).degrees[0] == 24
     two = small_2d(paper_2d(0.05))
