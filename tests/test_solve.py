@@ -207,10 +207,10 @@ def test_paper_2d_errors_against_p3():
     References: P3 with 8 (ε = 0.1) and 6 (ε = 0.02) cells per finest period, errors by
     quasi-Monte Carlo on 2^15 points (the two-scale error equidistributes on them, see
     ``dolfinx_pinn.errors``); their own H¹ error is a few 1e-3, so the bounds are on the sum
-    (measured here: L² 1.3e-4 / 1.4e-4, H¹ 4.0e-3 / 6.5e-3). Against P3 with 24 cells per
-    period the corner-patched solve measured L² 6.0e-6 / 1.06e-4 and H¹ 1.4e-4 / 3.9e-4 (the
-    ratio of the two is not within the factor 2 issue 12 asks for in L²: the interior error
-    grows as ε falls); the bounds hold the present level.
+    (measured here with the mean degree 30: L² 1.3e-4 / 1.4e-4, H¹ 4.0e-3 / 6.5e-3). Against P3
+    with 24 cells per period the present default measured L² 3.9e-6 / 6.4e-5 and H¹ 1.5e-4 /
+    3.5e-4 (the L² ratio of the two is not within the factor 2 issue 12 asks for); the bounds
+    hold the present level.
     """
     from dolfinx_pinn.errors import ReferenceErrors, pointwise_reference
 
