@@ -45,7 +45,7 @@ from dolfinx import fem
 from dolfinx import mesh as dmesh
 from torch import nn
 
-from dolfinx_pinn.errors import pointwise_reference
+from dolfinx_pinn.errors import PointwiseFunction
 from dolfinx_pinn.ksp import DIRECT, solve_linear
 from dolfinx_pinn.problems import Box, MultiscaleProblem
 
@@ -135,7 +135,7 @@ class CornerPatches:
                 function.x.array[:] = comm.bcast(
                     function.x.array if comm.rank == owner else None, root=owner
                 )
-        self._evaluators = [pointwise_reference(function) for function in self.functions]
+        self._evaluators = [PointwiseFunction(function) for function in self.functions]
 
     def _space(self, low: np.ndarray) -> fem.Function:
         mesh = dmesh.create_rectangle(
@@ -209,11 +209,10 @@ class CornerPatches:
         gradient = np.zeros((int(mask.sum()), 2))
         where = index[mask]
         inside = points[mask]
-        for k, (u, grad) in enumerate(self._evaluators):
+        for k, evaluator in enumerate(self._evaluators):
             chosen = where == k
             if np.any(chosen):
-                value[chosen] = u(inside[chosen])
-                gradient[chosen] = grad(inside[chosen])
+                value[chosen], gradient[chosen] = evaluator.value_and_gradient(inside[chosen])
         return mask, value, gradient
 
     def describe(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from torch import nn
 from dolfinx_pinn.problems import MultiscaleProblem
 
 __all__ = [
+    "PointwiseFunction",
     "ReferenceErrors",
     "network_values_and_gradients",
     "pointwise_reference",
@@ -191,49 +192,76 @@ def _is_dolfinx_function(reference: Any) -> bool:
     return isinstance(reference, Function)
 
 
-def pointwise_reference(uh: Any) -> tuple[Any, Any]:
-    """``(u, grad u)`` of a dolfinx Function as numpy callables at points ``(N, d)``.
+class PointwiseFunction:
+    """``u`` and ``∇u`` of a dolfinx Function as numpy callables at points ``(N, d)``.
 
-    For :class:`ReferenceErrors` on its own points (a QMC set where a Gauss grid would alias)
-    instead of quadrature on the Function's mesh. The gradient is interpolated into the
-    discontinuous vector space of the same degree (exact for Lagrange elements).
+    The gradient is interpolated into the discontinuous vector space of the same degree (exact
+    for Lagrange elements); :meth:`value_and_gradient` locates the points once for both.
 
     MPI: serial meshes only (every point must lie in a cell this process holds).
     """
-    import basix.ufl
-    import dolfinx
-    import ufl
 
-    mesh = uh.function_space.mesh
-    if mesh.comm.size > 1:
-        raise ValueError("uh: pointwise_reference needs a serial mesh (e.g. on MPI.COMM_SELF)")
-    dim = mesh.geometry.dim
-    element = basix.ufl.element(
-        "DG", mesh.basix_cell(), uh.function_space.element.basix_element.degree, shape=(dim,)
-    )
-    space = dolfinx.fem.functionspace(mesh, element)
-    gradient = dolfinx.fem.Function(space)
-    gradient.interpolate(dolfinx.fem.Expression(ufl.grad(uh), space.element.interpolation_points))
-    tree = dolfinx.geometry.bb_tree(mesh, mesh.topology.dim)
+    def __init__(self, uh: Any) -> None:
+        import basix.ufl
+        import dolfinx
+        import ufl
 
-    def located(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        points = np.asarray(points, dtype=np.float64).reshape(-1, dim)
+        mesh = uh.function_space.mesh
+        if mesh.comm.size > 1:
+            raise ValueError("uh: pointwise_reference needs a serial mesh (e.g. on MPI.COMM_SELF)")
+        self.dim = dim = mesh.geometry.dim
+        element = basix.ufl.element(
+            "DG", mesh.basix_cell(), uh.function_space.element.basix_element.degree, shape=(dim,)
+        )
+        space = dolfinx.fem.functionspace(mesh, element)
+        self._gradient = dolfinx.fem.Function(space)
+        self._gradient.interpolate(
+            dolfinx.fem.Expression(ufl.grad(uh), space.element.interpolation_points)
+        )
+        self._uh, self._mesh = uh, mesh
+        self._tree = dolfinx.geometry.bb_tree(mesh, mesh.topology.dim)
+
+    def _located(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import dolfinx
+
+        points = np.asarray(points, dtype=np.float64).reshape(-1, self.dim)
         padded = np.zeros((len(points), 3))
-        padded[:, :dim] = points
-        candidates = dolfinx.geometry.compute_collisions_points(tree, padded)
-        colliding = dolfinx.geometry.compute_colliding_cells(mesh, candidates, padded)
+        padded[:, : self.dim] = points
+        candidates = dolfinx.geometry.compute_collisions_points(self._tree, padded)
+        colliding = dolfinx.geometry.compute_colliding_cells(self._mesh, candidates, padded)
         counts = np.diff(colliding.offsets)
         if np.any(counts == 0):
             raise ValueError("points: some lie outside the reference's mesh")
         return padded, colliding.array[colliding.offsets[:-1]]
 
-    def value(points: np.ndarray) -> np.ndarray:
-        padded, cells = located(points)
+    def _value(self, padded: np.ndarray, cells: np.ndarray) -> np.ndarray:
         # eval squeezes a single point's row away
-        return np.asarray(uh.eval(padded, cells)).reshape(len(padded), -1)[:, 0]
+        return np.asarray(self._uh.eval(padded, cells)).reshape(len(padded), -1)[:, 0]
 
-    def grad(points: np.ndarray) -> np.ndarray:
-        padded, cells = located(points)
-        return np.asarray(gradient.eval(padded, cells)).reshape(len(padded), dim)
+    def _grad(self, padded: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        return np.asarray(self._gradient.eval(padded, cells)).reshape(len(padded), self.dim)
 
-    return value, grad
+    def value(self, points: np.ndarray) -> np.ndarray:
+        """``u`` at points ``(N, d)``, shape ``(N,)``."""
+        return self._value(*self._located(points))
+
+    def gradient(self, points: np.ndarray) -> np.ndarray:
+        """``∇u`` at points ``(N, d)``, shape ``(N, d)``."""
+        return self._grad(*self._located(points))
+
+    def value_and_gradient(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Both, the points located once."""
+        located = self._located(points)
+        return self._value(*located), self._grad(*located)
+
+
+def pointwise_reference(uh: Any) -> tuple[Any, Any]:
+    """``(u, grad u)`` of a dolfinx Function as numpy callables at points ``(N, d)``.
+
+    For :class:`ReferenceErrors` on its own points (a QMC set where a Gauss grid would alias)
+    instead of quadrature on the Function's mesh; see :class:`PointwiseFunction`.
+
+    MPI: serial meshes only (every point must lie in a cell this process holds).
+    """
+    function = PointwiseFunction(uh)
+    return function.value, function.gradient
