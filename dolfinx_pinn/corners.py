@@ -241,16 +241,18 @@ class _PatchValues(torch.autograd.Function):
 
 
 class PatchedNetwork(nn.Module):
-    """A network with :class:`CornerPatches` in place of its values near the corners.
+    """A network with local finite-element solutions in place of its values where they serve.
 
     Args:
         network: The solution network (points ``(N, 2)`` -> ``(N,)``).
-        patches: The corner patches.
+        patches: The :class:`CornerPatches` or a :class:`~dolfinx_pinn.bands.BoundaryBand`:
+            anything whose ``value_and_gradient(points)`` returns ``(mask, u, ∇u)`` of the
+            points it serves.
     """
 
     prefers_jet = False
 
-    def __init__(self, network: nn.Module, patches: CornerPatches) -> None:
+    def __init__(self, network: nn.Module, patches: Any) -> None:
         super().__init__()
         self.network = network
         self.patches = patches

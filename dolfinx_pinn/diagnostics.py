@@ -23,7 +23,7 @@ failed. MPI: the residual points are split over the ranks and the sums reduced (
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,6 +195,7 @@ def indicators(
     count: int = 8192,
     seed: int = 20261201,
     residual_network: nn.Module | None = None,
+    residual_region: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, float]:
     """The a posteriori indicators of a network (see the module doc; collective on ``comm``).
 
@@ -212,16 +213,24 @@ def indicators(
             ``network`` (a :class:`~dolfinx_pinn.corners.PatchedNetwork`'s patches are finite
             elements, whose strong residual is not the solve's: the residual is its network's,
             the boundary values the patched solution's).
+        residual_region: A mask ``(N,)`` of the points ``(N, d)`` where ``residual_network``
+            is the solution (a :class:`~dolfinx_pinn.bands.BoundaryBand`'s finite elements
+            serve the others); the PDE residual is measured there only, and left out when no
+            point is left.
     """
     measured = network if residual_network is None else residual_network
-    local = _residual_norms(measured, problem, _fresh_points(problem, count, seed, comm))
-    residual_sum, rhs_sum = comm.allreduce(np.asarray(local), MPI.SUM)
-    values = {
-        "pde_residual": math.sqrt(residual_sum / rhs_sum)
-        if rhs_sum > 0
-        else math.sqrt(residual_sum),
-        "boundary_residual": _boundary_ratio(network, problem, 2048, seed, comm),
-    }
+    points = _fresh_points(problem, count, seed, comm)
+    if residual_region is not None:
+        points = points[residual_region(points)]
+    residual_sum, rhs_sum, kept = comm.allreduce(
+        np.array([*_residual_norms(measured, problem, points), len(points)]), MPI.SUM
+    )
+    values = {}
+    if kept > 0:
+        values["pde_residual"] = (
+            math.sqrt(residual_sum / rhs_sum) if rhs_sum > 0 else math.sqrt(residual_sum)
+        )
+    values["boundary_residual"] = _boundary_ratio(network, problem, 2048, seed, comm)
     if compressed is not None and coarse_state is not None:
         sums = comm.allreduce(
             np.array([np.sum((compressed - coarse_state) ** 2), np.sum(coarse_state**2)]), MPI.SUM

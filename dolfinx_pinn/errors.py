@@ -220,6 +220,9 @@ class PointwiseFunction:
         )
         self._uh, self._mesh = uh, mesh
         self._tree = dolfinx.geometry.bb_tree(mesh, mesh.topology.dim)
+        self._midpoint_tree: Any = None
+        extent = np.ptp(mesh.geometry.x, axis=0).max() if len(mesh.geometry.x) else 1.0
+        self._tolerance = 1e-12 * float(extent)
 
     def _located(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import dolfinx
@@ -230,15 +233,40 @@ class PointwiseFunction:
         candidates = dolfinx.geometry.compute_collisions_points(self._tree, padded)
         colliding = dolfinx.geometry.compute_colliding_cells(self._mesh, candidates, padded)
         counts = np.diff(colliding.offsets)
-        if np.any(counts == 0):
-            raise ValueError("points: some lie outside the reference's mesh")
-        return padded, colliding.array[colliding.offsets[:-1]]
+        cells = np.full(len(points), -1, dtype=np.int32)
+        cells[counts > 0] = colliding.array[colliding.offsets[:-1][counts > 0]]
+        missing = np.flatnonzero(counts == 0)
+        if len(missing):
+            # Points on the boundary can fall outside it by round-off: take the closest cell
+            # when it is within round-off of the point.
+            tdim = self._mesh.topology.dim
+            if self._midpoint_tree is None:
+                all_cells = np.arange(
+                    self._mesh.topology.index_map(tdim).size_local, dtype=np.int32
+                )
+                self._midpoint_tree = dolfinx.geometry.create_midpoint_tree(
+                    self._mesh, tdim, all_cells
+                )
+            closest = dolfinx.geometry.compute_closest_entity(
+                self._tree, self._midpoint_tree, self._mesh, padded[missing]
+            )
+            distance = np.sqrt(
+                dolfinx.geometry.squared_distance(self._mesh, tdim, closest, padded[missing])
+            )
+            if np.any(closest < 0) or np.any(distance > self._tolerance):
+                raise ValueError("points: some lie outside the reference's mesh")
+            cells[missing] = closest
+        return padded, cells
 
     def _value(self, padded: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        if len(padded) == 0:
+            return np.zeros(0)
         # eval squeezes a single point's row away
         return np.asarray(self._uh.eval(padded, cells)).reshape(len(padded), -1)[:, 0]
 
     def _grad(self, padded: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        if len(padded) == 0:
+            return np.zeros((0, self.dim))
         return np.asarray(self._gradient.eval(padded, cells)).reshape(len(padded), self.dim)
 
     def value(self, points: np.ndarray) -> np.ndarray:

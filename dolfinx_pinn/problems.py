@@ -503,7 +503,7 @@ class MultiscaleProblem:
         with torch.enable_grad():
             points = points.detach().requires_grad_(True)
             value = self.K(points)
-            flat = value.reshape(value.shape[0], -1)
+            flat = value.flatten(1) if value.dim() > 1 else value[:, None]
             columns = [
                 torch.autograd.grad(
                     flat[:, k].sum(), points, create_graph=create_graph, retain_graph=True
