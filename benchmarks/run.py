@@ -33,6 +33,8 @@ Cases (``--cases``, default all):
   writes ``<host>-<device>-crossover.png``.
 - ``geometry``: the gmsh plate demo (2D, ε = 0.05) and ``paper_3d(0.1)`` on the unit cube
   through ``dolfinx_pinn.solve`` against fine FEM, with plain FEM beside (``bench_geometry.py``).
+- ``band``: the boundary band on a 2D mesh domain (the unit square as a dolfinx mesh), with and
+  without it, against a fine reference, with plain P2 FEM beside (``bench_band.py``).
 
 Medians over ``--repeats`` runs; timings are side by side in one run on one machine.
 """
@@ -68,6 +70,7 @@ ALL_CASES = (
     "coefficients",
     "crossover",
     "geometry",
+    "band",
 )
 
 
@@ -287,6 +290,14 @@ def case_geometry(args: argparse.Namespace, device: torch.device) -> dict[str, A
     return bench_geometry.benchmark(quick=args.quick)
 
 
+def case_band(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """See :func:`bench_band.benchmark`: the boundary band on a mesh domain."""
+    sys.path.insert(0, str(HERE))
+    import bench_band
+
+    return bench_band.benchmark(quick=args.quick)
+
+
 CASES: dict[str, Callable[[argparse.Namespace, torch.device], dict[str, Any]]] = {
     "throughput": case_throughput,
     "coarse": case_coarse,
@@ -297,6 +308,7 @@ CASES: dict[str, Callable[[argparse.Namespace, torch.device], dict[str, Any]]] =
     "coefficients": case_coefficients,
     "crossover": case_crossover,
     "geometry": case_geometry,
+    "band": case_band,
 }
 
 

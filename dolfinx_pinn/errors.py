@@ -254,7 +254,7 @@ class PointwiseFunction:
                 dolfinx.geometry.squared_distance(self._mesh, tdim, closest, padded[missing])
             )
             if np.any(closest < 0) or np.any(distance > self._tolerance):
-                raise ValueError("points: some lie outside the reference's mesh")
+                raise ValueError("points: some lie outside the function's mesh")
             cells[missing] = closest
         return padded, cells
 

@@ -133,3 +133,22 @@ def test_coupled_band_ranks_agree():
     assert np.abs(serial.value(x) - parallel.value(x)).max() < 1e-8 * scale
     gradient = np.abs(serial.gradient(x)).max()
     assert np.abs(serial.gradient(x) - parallel.gradient(x)).max() < 1e-6 * gradient
+
+
+def test_pointwise_function_takes_boundary_points_off_by_round_off():
+    """Boundary points can lie outside the mesh by round-off (x2 = 0.6 + 1e-16 on a gmsh
+    plate): the closest cell serves them; a point truly outside still raises."""
+    from dolfinx_pinn.errors import PointwiseFunction
+
+    mesh = dolfinx.mesh.create_unit_square(MPI.COMM_SELF, 4, 4)
+    space = dolfinx.fem.functionspace(mesh, ("Lagrange", 2))
+    u = dolfinx.fem.Function(space)
+    u.interpolate(lambda x: 1.0 + x[0] * x[1])
+    function = PointwiseFunction(u)
+    points = np.array([[0.3, 1.0 + 2e-16], [1.0 + 1e-16, 0.7], [0.5, 0.5]])
+    value, gradient = function.value_and_gradient(points)
+    np.testing.assert_allclose(value, 1.0 + points[:, 0] * points[:, 1], rtol=1e-12)
+    np.testing.assert_allclose(gradient, points[:, ::-1], atol=1e-12)
+    with pytest.raises(ValueError, match="outside"):
+        function.value(np.array([[0.5, 1.001]]))
+    assert function.value(np.zeros((0, 2))).shape == (0,)
