@@ -286,14 +286,13 @@ class BoundaryBand:
         layer = network.output
         n = layer.weight.shape[1]
         x, distance = self._interior_points(math.ceil(points_per_unknown * n), seed)
-        interior = np.ones(len(x), dtype=bool)
-        data = interior & (distance < self.switch)
-        counts = comm.allreduce(np.array([interior.sum(), data.sum()]), op=MPI.SUM)
+        data = distance < self.switch
+        counts = comm.allreduce(np.array([len(x), data.sum()]), op=MPI.SUM)
         if counts[0] < 2 * n or counts[1] == 0:
             raise ValueError(
                 f"points: {counts[0]} interior and {counts[1]} overlap points for {n} unknowns"
             )
-        rows_p, target_p = pde_rows(network, self.problem, torch.from_numpy(x[interior]))
+        rows_p, target_p = pde_rows(network, self.problem, torch.from_numpy(x))
         rows_d = boundary_rows(network, torch.from_numpy(x[data]))
         rows_p, target_p, rows_d = (t.detach().numpy() for t in (rows_p, target_p, rows_d))
         weight_p, weight_d = 1.0 / counts[0], data_weight / counts[1]
